@@ -1,0 +1,178 @@
+"""Strict YAML configs: dataclasses filled from YAML, dotted overrides, errors that name the key.
+
+Every config section is a dataclass. `from_dict` refuses unknown keys and values of the wrong type,
+naming the full dotted key, so a typo stops a run before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, missing or of the wrong type; the message names the key."""
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(annotation, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        value_type = args[1] if args else Any
+        return {str(k): _convert(v, value_type, _join(key, str(k))) for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{_join(prefix, unknown[0])}: unknown key (known: {', '.join(sorted(fields))})")
+    values = {}
+    for name, field in fields.items():
+        key = _join(prefix, name)
+        if name in data:
+            values[name] = _convert(data[name], hints[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    instance = cls(**values)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        validate(prefix)
+    return instance
+
+
+def to_dict(instance: Any) -> Any:
+    """The plain-YAML form of a config dataclass (inverse of `from_dict`)."""
+    if dataclasses.is_dataclass(instance):
+        return {f.name: to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
+    if isinstance(instance, (list, tuple)):
+        return [to_dict(v) for v in instance]
+    if isinstance(instance, dict):
+        return {k: to_dict(v) for k, v in instance.items()}
+    return instance
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with path.open() as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        dotted, raw = override.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(keys[: i + 1])}: is not a section, cannot set {dotted}")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def _expand_section_files(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A section given as a string is the path of a YAML file (relative to `base`) holding it."""
+    hints = get_type_hints(cls)
+    for name, value in list(data.items()):
+        annotation = hints.get(name)
+        if annotation is None or not dataclasses.is_dataclass(annotation):
+            continue
+        if isinstance(value, str):
+            path = Path(value) if Path(value).is_absolute() else base / value
+            if not path.is_file():
+                raise ConfigError(f"{name}: section file {path} does not exist")
+            data[name] = _expand_section_files(annotation, read_yaml(path), path.parent)
+        elif isinstance(value, dict):
+            data[name] = _expand_section_files(annotation, value, base)
+    return data
+
+
+def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read a YAML file into dataclass `cls`, after applying dotted overrides.
+
+    A section may be the path of its own YAML file (`model: ../model/tiny.yaml`), so recipes share
+    model definitions; overrides reach into it like any other section (`model.text.layers=4`).
+    """
+    path = Path(path)
+    data = _expand_section_files(cls, read_yaml(path), path.parent)
+    return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+def dump(instance: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(instance), sort_keys=False))

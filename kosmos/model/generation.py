@@ -1,0 +1,246 @@
+"""Decoding (greedy, beam search, sampling) and likelihood scoring over interleaved prompts.
+
+Prompts are `Encoded` sequences from `Tokenizer.encode_interleaved(..., eos=False)`; `images` holds
+every prompt's images in prompt order. Batched prompts are left-padded: padding gets segment 0, so it
+is never attended to, and positions count real tokens only, so a padded row decodes exactly as it
+would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from kosmos.model.kosmos import KosmosModel, KVCache
+from kosmos.tokenizer import EOS, IGNORE_INDEX, PAD, Encoded
+
+
+def pad_batch(
+    sequences: Sequence[Encoded], side: Literal["left", "right"], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Model inputs for sequences of different lengths, one document per row."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), PAD, dtype=torch.long)
+    image_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    segment_ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    position_ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        input_ids[row, span] = torch.tensor(seq.ids)
+        image_mask[row, span] = torch.tensor(seq.image_mask)
+        segment_ids[row, span] = 1
+        position_ids[row, span] = torch.arange(len(seq))
+    batch = dict(input_ids=input_ids, image_mask=image_mask, position_ids=position_ids, segment_ids=segment_ids)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _images_for_rows(sequences: Sequence[Encoded], images: torch.Tensor | None, repeats: int):
+    """The images of each prompt repeated for each of its `repeats` rows (row-major image order)."""
+    if images is None or images.shape[0] == 0 or repeats == 1:
+        return images
+    counts = torch.tensor([s.num_images for s in sequences], device=images.device)
+    starts = torch.cumsum(counts, 0) - counts
+    index = [
+        torch.arange(start, start + count, device=images.device)
+        for start, count in zip(starts.tolist(), counts.tolist())
+        for _ in range(repeats)
+    ]
+    return images.index_select(0, torch.cat(index))
+
+
+def _check_images(sequences: Sequence[Encoded], images: torch.Tensor | None) -> None:
+    wanted = sum(s.num_images for s in sequences)
+    given = 0 if images is None else images.shape[0]
+    if wanted != given:
+        raise ValueError(f"the prompts hold {wanted} images but {given} were given")
+
+
+class _Decoder:
+    """Runs the model one step at a time, with a KV cache or by re-reading the whole sequence."""
+
+    def __init__(self, model: KosmosModel, batch: dict, images, use_cache: bool):
+        self.model = model
+        self.use_cache = use_cache
+        self.batch = batch
+        self.images = images
+        self.cache = KVCache(len(model.layers)) if use_cache else None
+        self.next_position = batch["position_ids"][:, -1] + 1
+
+    def first(self) -> torch.Tensor:
+        out = self.model(**self.batch, images=self.images, cache=self.cache)
+        return out.logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        position = self.next_position.unsqueeze(1)
+        self.next_position = self.next_position + 1
+        if self.use_cache:
+            out = self.model(tokens.unsqueeze(1), position_ids=position, cache=self.cache)
+            return out.logits[:, -1].float()
+        b["input_ids"] = torch.cat([b["input_ids"], tokens.unsqueeze(1)], 1)
+        b["image_mask"] = torch.cat([b["image_mask"], torch.zeros_like(tokens, dtype=torch.bool).unsqueeze(1)], 1)
+        b["position_ids"] = torch.cat([b["position_ids"], position], 1)
+        b["segment_ids"] = torch.cat([b["segment_ids"], torch.ones_like(position)], 1)
+        return self.model(**b, images=self.images).logits[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        # Rows only move among one prompt's beams, which share its images: the images stay put.
+        self.next_position = self.next_position.index_select(0, rows)
+        if self.use_cache:
+            self.cache.reorder(rows)
+        else:
+            self.batch = {k: v.index_select(0, rows) for k, v in self.batch.items()}
+
+
+def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: KosmosModel,
+    prompts: Sequence[Encoded],
+    images: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    strategy: Literal["greedy", "beam", "sample"] = "greedy",
+    num_beams: int = 5,
+    length_penalty: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = EOS,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """New tokens for each prompt, stopping at `eos_id` (which is not returned)."""
+    _check_images(prompts, images)
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        if images is not None:
+            images = images.to(device)
+        if strategy == "beam":
+            return _beam_search(model, prompts, images, max_new_tokens, num_beams, length_penalty, eos_id,
+                                device, use_cache)
+        generator = None
+        if strategy == "sample":
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0 if seed is None else seed)
+        decoder = _Decoder(model, pad_batch(prompts, "left", device), images, use_cache)
+        logits = decoder.first()
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for step in range(max_new_tokens):
+            if strategy == "sample":
+                probs = _filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                tokens = logits.argmax(-1)
+            active = (~finished).tolist()
+            tokens = tokens.masked_fill(finished, PAD)
+            finished |= tokens == eos_id
+            for row, token in enumerate(tokens.tolist()):
+                if active[row] and token != eos_id:
+                    outputs[row].append(token)
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            logits = decoder.step(tokens)
+        return outputs
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, prompts, images, max_new_tokens, num_beams, length_penalty, eos_id, device, use_cache):
+    k = num_beams
+    rows = [p for p in prompts for _ in range(k)]
+    decoder = _Decoder(model, pad_batch(rows, "left", device), _images_for_rows(prompts, images, k), use_cache)
+    logits = decoder.first()
+    batch = len(prompts)
+    beam_scores = torch.full((batch, k), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    beam_tokens: list[list[int]] = [[] for _ in range(batch * k)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    for step in range(max_new_tokens):
+        log_probs = logits.log_softmax(-1)
+        vocab = log_probs.shape[-1]
+        scores = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+        top_scores, top_ids = scores.topk(2 * k, dim=1)
+        next_scores = torch.full((batch, k), float("-inf"), device=device)
+        next_rows = torch.arange(batch * k, device=device).view(batch, k).clone()
+        next_tokens = torch.full((batch, k), PAD, dtype=torch.long, device=device)
+        for b in range(batch):
+            if done[b]:
+                continue
+            chosen = 0
+            for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
+                beam, token = divmod(flat, vocab)
+                row = b * k + beam
+                if token == eos_id:
+                    if rank < k:
+                        generated = beam_tokens[row]
+                        finished[b].append((score / (len(generated) + 1) ** length_penalty, list(generated)))
+                    continue
+                next_scores[b, chosen], next_rows[b, chosen], next_tokens[b, chosen] = score, row, token
+                chosen += 1
+                if chosen == k:
+                    break
+            best_alive = next_scores[b].max().item() / (step + 1) ** length_penalty
+            if len(finished[b]) >= k and max(s for s, _ in finished[b]) >= best_alive:
+                done[b] = True
+        flat_rows = next_rows.view(-1)
+        beam_tokens = [beam_tokens[r] + [t] for r, t in zip(flat_rows.tolist(), next_tokens.view(-1).tolist())]
+        beam_scores = next_scores
+        if all(done) or step == max_new_tokens - 1:
+            break
+        decoder.reorder(flat_rows)
+        logits = decoder.step(next_tokens.view(-1))
+
+    results = []
+    for b in range(batch):
+        candidates = list(finished[b])
+        if not done[b]:
+            for j in range(k):
+                score = beam_scores[b, j].item()
+                if score > float("-inf"):
+                    tokens = beam_tokens[b * k + j]
+                    candidates.append((score / max(1, len(tokens)) ** length_penalty, tokens))
+        results.append(max(candidates, key=lambda c: c[0])[1] if candidates else [])
+    return results
+
+
+@torch.no_grad()
+def sequence_log_likelihood(
+    model: KosmosModel, sequences: Sequence[Encoded], images: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum of log-probabilities of each sequence's learned tokens (`Encoded.learn`), one per row.
+
+    Candidate ranking (classification, Raven's P("Yes")) marks the prompt as not learned and the
+    candidate as learned.
+    """
+    _check_images(sequences, images)
+    device = next(model.parameters()).device
+    batch = pad_batch(sequences, "right", device)
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    for row, seq in enumerate(sequences):
+        labels[row, : len(seq)] = torch.tensor(seq.labels())
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(**batch, images=None if images is None else images.to(device), labels=labels)
+    finally:
+        model.train(was_training)
+    return -out.token_loss.sum(1)

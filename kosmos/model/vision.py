@@ -1,0 +1,97 @@
+"""The CLIP vision tower: an open_clip ViT in the OpenAI layout, all 257 tokens out, frozen but its top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import QuickGELU, VisionTransformer
+from torch import nn
+
+from kosmos.model.config import VisionConfig
+
+
+class VisionWeightsError(ValueError):
+    pass
+
+
+class VisionEncoder(nn.Module):
+    """Image -> [N, tokens, width] features: every token through `ln_post`, then L2-normalised.
+
+    The CLIP projection is not used (it is removed, so its weights are neither trained nor saved).
+    Only the last `trainable_blocks` transformer blocks take gradients.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        # QuickGELU: OpenAI's weights were trained with it; plain GELU silently gives wrong features.
+        self.tower = VisionTransformer(
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            width=cfg.width,
+            layers=cfg.layers,
+            heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            act_layer=QuickGELU,
+            pool_type="none",  # every token (class and patches) through ln_post, nothing pooled
+        )
+        self.tower.proj = None
+        if cfg.weights:
+            load_vision_weights(self.tower, cfg.weights)
+        self.num_frozen_blocks = cfg.layers - cfg.trainable_blocks
+        self.tower.requires_grad_(False)
+        for block in self.tower.transformer.resblocks[self.num_frozen_blocks :]:
+            block.requires_grad_(True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Autograd records nothing before the first trainable block (neither the images nor the
+        # frozen weights need gradients), so the frozen part keeps no activations.
+        return F.normalize(self.tower(images.to(self.tower.conv1.weight.dtype)), dim=-1)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # OpenAI's original release is a TorchScript archive, not a pickled dict.
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise VisionWeightsError(f"vision weights {path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def load_vision_weights(tower: VisionTransformer, weights: str | Path) -> None:
+    """Load a tower from a full CLIP checkpoint (`visual.*` keys) or a vision-only state dict."""
+    path = Path(weights)
+    if not path.is_file():
+        raise VisionWeightsError(f"vision weights {path} do not exist")
+    try:
+        state = _read_state_dict(path)
+    except VisionWeightsError:
+        raise
+    except Exception as error:
+        raise VisionWeightsError(f"vision weights {path} could not be read: {error}") from None
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("visual.") for k in state):
+        state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    state.pop("proj", None)
+    expected = tower.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise VisionWeightsError(
+            f"vision weights {path} lack {len(missing)} tower tensors, e.g. {', '.join(missing[:3])}"
+        )
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise VisionWeightsError(
+                f"vision weights {path}: {key} has shape {tuple(state[key].shape)}, "
+                f"the configured tower needs {tuple(tensor.shape)}"
+            )
+    tower.load_state_dict({k: state[k] for k in expected})

@@ -1,0 +1,32 @@
+"""Shared fixtures: a SentencePiece tokenizer trained on Python's own documentation, tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydoc_data.topics
+import pytest
+import torch
+
+from kosmos.model import ModelConfig, load_model_config
+from kosmos.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    text = folder / "pydoc.txt"
+    text.write_text("\n".join(pydoc_data.topics.topics.values()))
+    return Tokenizer.train([text], folder / "sp", vocab_size=1000)
+
+
+@pytest.fixture
+def tiny_config(tokenizer) -> ModelConfig:
+    return load_model_config(REPO / "configs/model/tiny.yaml", [f"text.vocab_size={tokenizer.vocab_size}"])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
