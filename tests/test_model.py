@@ -115,7 +115,8 @@ def test_image_changes_only_what_follows_it(tokenizer, tiny_config):
 
 
 def test_trainable_parameters_are_exactly_the_intended_set(tiny_config):
-    cfg = dataclasses.replace(tiny_config, vision=dataclasses.replace(tiny_config.vision, layers=3))
+    vision = dataclasses.replace(tiny_config.vision, layers=3, trainable_blocks=1)
+    cfg = dataclasses.replace(tiny_config, vision=vision)
     model = KosmosModel(cfg)
     trainable = set(model.trainable_parameter_names())
     names = {name for name, _ in model.named_parameters()}
