@@ -1,0 +1,146 @@
+"""`kosmos data sample | build | inspect`: make corpus folders and look inside them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="build and inspect WebDataset corpora")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    sample = commands.add_parser("sample", help="the embedded sample corpus, eval sets and tokenizer")
+    sample.add_argument("--out", required=True, type=Path, help="folder to create (absent or empty)")
+    sample.set_defaults(handler=_sample)
+
+    build = commands.add_parser("build", help="shard a corpus into a WebDataset folder with an index")
+    kinds = build.add_subparsers(dest="kind", required=True)
+    text = kinds.add_parser("text", help="one document per JSONL line")
+    text.add_argument("--input", required=True, nargs="+", type=Path, help="JSONL files")
+    text.add_argument("--field", default="text", help="the field holding the text (default: text)")
+    caption = kinds.add_parser("caption", help="image-caption pairs from a list or from shards")
+    source = caption.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="CSV, TSV or JSONL list of image paths and captions")
+    source.add_argument(
+        "--shards", nargs="+", type=Path, help="tar shards in WebDataset layout (img2dataset)"
+    )
+    caption.add_argument("--images", type=Path, help="folder the list's image paths are relative to")
+    caption.add_argument("--image-field", default="image", help="column of the image path (default: image)")
+    caption.add_argument(
+        "--caption-field", default="caption", help="column of the caption (default: caption)"
+    )
+    interleaved = kinds.add_parser(
+        "interleaved", help="OBELICS-style documents (parallel texts/images lists)"
+    )
+    interleaved.add_argument("--input", required=True, nargs="+", type=Path, help="JSONL or Parquet files")
+    interleaved.add_argument(
+        "--images", type=Path, help="folder image paths are relative to (default: each input's folder)"
+    )
+    instruction = kinds.add_parser(
+        "instruction", help="(instruction, input, output) triples for instruction tuning (Alpaca layout)"
+    )
+    instruction.add_argument(
+        "--input", required=True, nargs="+", type=Path, help="JSONL, Parquet or CSV files"
+    )
+    scienceqa = kinds.add_parser(
+        "scienceqa",
+        help="ScienceQA problems as an instruction corpus for one multimodal chain-of-thought stage",
+        description="rationale: QCM -> lecture and solution; answer: QCM + rationale -> 'The answer is "
+        "(X).'; direct: QCM -> 'The answer is (X).' (the one-stage baseline). See docs/mmcot.md.",
+    )
+    scienceqa.add_argument(
+        "--root", required=True, type=Path, help="folder with problems.json, pid_splits.json and images/"
+    )
+    scienceqa.add_argument("--split", default="train", help="a split of pid_splits.json (default: train)")
+    scienceqa.add_argument("--stage", required=True, choices=("rationale", "answer", "direct"))
+    scienceqa.add_argument(
+        "--rationales",
+        type=Path,
+        help="answer stage: stage-1 generations (JSON lines with id and prediction, as `kosmos mmcot "
+        "rationales` writes) joined by problem id, instead of the gold lecture and solution",
+    )
+    for parser in (text, caption, interleaved, instruction, scienceqa):
+        parser.add_argument(
+            "--out", required=True, type=Path, help="corpus folder to create (absent or empty)"
+        )
+        parser.add_argument("--samples-per-shard", type=int, default=10_000)
+        parser.add_argument("--max-shard-mb", type=int, default=1024)
+        parser.set_defaults(handler=_build)
+
+    inspect = commands.add_parser("inspect", help="samples, tokens, images and skips of a corpus folder")
+    inspect.add_argument("folder", type=Path, help="a corpus folder, or a folder of corpus folders")
+    inspect.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="SentencePiece model for token counts (default: FOLDER/tokenizer.model)",
+    )
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(handler=_inspect)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from kosmos.data.sample import build_sample
+
+    counts = build_sample(args.out)
+    print(f"sample corpus in {args.out}: " + ", ".join(f"{n} {name}" for name, n in counts.items()))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from kosmos.config import ConfigError
+    from kosmos.data import build
+
+    options = {"samples_per_shard": args.samples_per_shard, "max_shard_bytes": args.max_shard_mb << 20}
+    if args.kind == "text":
+        index = build.build_text(args.input, args.out, field=args.field, **options)
+    elif args.kind == "caption" and args.shards:
+        index = build.build_caption_shards(args.shards, args.out, **options)
+    elif args.kind == "caption":
+        if args.images is None:
+            raise ConfigError(
+                "--images: needed with --input (the folder the list's image paths are relative to)"
+            )
+        fields = {"image_field": args.image_field, "caption_field": args.caption_field}
+        index = build.build_caption_list(args.input, args.images, args.out, **fields, **options)
+    elif args.kind == "instruction":
+        index = build.build_instruction(args.input, args.out, **options)
+    elif args.kind == "scienceqa":
+        from kosmos.data.scienceqa import build_scienceqa
+
+        index = build_scienceqa(args.root, args.split, args.stage, args.out, args.rationales, **options)
+    else:
+        index = build.build_interleaved(args.input, args.out, images=args.images, **options)
+    print(
+        f"{args.out}: {index.num_samples} {args.kind} samples in {len(index.shards)} shards; skipped {index.skipped}"
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from kosmos.config import ConfigError
+    from kosmos.data.inspection import inspect
+    from kosmos.tokenizer import Tokenizer, TokenizerError
+
+    tokenizer_file = args.tokenizer or args.folder / "tokenizer.model"
+    try:
+        tokenizer = Tokenizer(tokenizer_file) if args.tokenizer or tokenizer_file.is_file() else None
+    except TokenizerError as error:
+        raise ConfigError(f"--tokenizer: {error}") from None
+    report = inspect(args.folder, tokenizer)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for name, corpus in report["corpora"].items():
+        tokens = "-" if corpus["tokens"] is None else f"{corpus['tokens']:,}"
+        print(
+            f"{name:>12}  {corpus['kind']:<11} {corpus['samples']:>9,} samples  {tokens:>12} tokens  "
+            f"{corpus['images']:>8,} images  {corpus['shards']} shards"
+        )
+        for label, counts in (("skipped", corpus["skipped"]), ("dropped images", corpus["dropped_images"])):
+            if counts:
+                print(f"{'':>14}{label}: " + ", ".join(f"{reason} {n}" for reason, n in counts.items()))
+    if tokenizer is None:
+        print("(no tokenizer: pass --tokenizer to count tokens)")
+    return 0
