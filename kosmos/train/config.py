@@ -1,0 +1,152 @@
+"""Training configuration: one YAML file with a section per component.
+
+```
+model: ../model/tiny.yaml      # a ModelConfig, inline or the path of its own YAML file
+tokenizer: sample/tokenizer.model
+data: {...}                    # kosmos.data.DataConfig
+train: {max_steps, seed, log_interval, ...}
+optimizer: {lr, betas, eps, weight_decay, warmup_steps, grad_clip}
+checkpoint: {interval, keep}
+deepspeed: {zero_stage, offload, bf16, activation_checkpointing, extra}
+logging: {tensorboard, wandb_project, progress_bar, peak_tflops}
+```
+
+`load_train_config` checks keys, types and values; `check_inputs` then checks the files the config
+names (tokenizer, corpora). Both run before any compute, and every error names its dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kosmos import config as config_io
+from kosmos.config import ConfigError
+from kosmos.data.config import DataConfig
+from kosmos.model import ModelConfig
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000
+    seed: int = 1234
+    log_interval: int = 10
+    # A run of this many consecutive non-finite steps (loss or gradient) stops training.
+    max_nonfinite_steps: int = 5
+    # Start from the weights of a run folder or checkpoint (fine-tuning); optimizer, schedule and
+    # data position start fresh. Ignored once the run has checkpoints of its own (it resumes).
+    init_from: str | None = None
+    # Build the embedded sample corpus (`kosmos data sample`) into this folder first if it is absent.
+    sample_corpus: str | None = None
+    # torch.compile each decoder layer (fuses its element-wise work; compiled once, on the first step).
+    compile: bool = False
+
+    def validate(self, prefix: str) -> None:
+        for name in ("max_steps", "log_interval", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}: must be at least 1")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up then linear decay to zero at `train.max_steps` (DESIGN section 5)."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    # Not applied to biases, norms or the connector's latent queries.
+    weight_decay: float = 0.01
+    warmup_steps: int = 375
+    grad_clip: float = 2.0
+
+    def validate(self, prefix: str) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas: expected two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("lr", "eps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}: must not be negative")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps: must not be negative")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    keep: int = 3
+
+    def validate(self, prefix: str) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"{prefix}.interval: must be at least 1")
+        if self.keep < 1:
+            raise ConfigError(f"{prefix}.keep: must be at least 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What selects and adjusts the stock DeepSpeed configs in `configs/deepspeed/`."""
+
+    zero_stage: int = 2
+    # ZeRO-Offload: optimizer state (stage 2) or optimizer state and parameters (stage 3) in host memory.
+    offload: bool = False
+    # "auto": bf16 on GPUs that support it, fp32 everywhere else.
+    bf16: Literal["auto"] | bool = "auto"
+    # true: every decoder layer recomputes its activations in the backward pass; a number N: the
+    # first N layers only (`kosmos bench train --memory` finds how many a micro-batch needs).
+    activation_checkpointing: bool | int = False
+    # Merged last into the generated DeepSpeed config, for settings not covered above.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, prefix: str) -> None:
+        # Stage 0 is left out on purpose: only DeepSpeed's ZeRO optimizers skip a step whose
+        # gradients are not finite, which the trainer relies on.
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"{prefix}.zero_stage: {self.zero_stage} is not a ZeRO stage (use 1, 2 or 3)")
+        if self.offload and self.zero_stage == 1:
+            raise ConfigError(f"{prefix}.offload: CPU offload needs ZeRO stage 2 or 3")
+        if self.activation_checkpointing is not True and self.activation_checkpointing < 0:
+            raise ConfigError(f"{prefix}.activation_checkpointing: must be true, false or a number of layers")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb_project: str | None = None  # set to log to Weights & Biases (needs `pip install wandb`)
+    progress_bar: bool = True
+    # Peak dense FLOP/s of one device in TFLOP/s, for MFU; unset: looked up for known GPUs, and no
+    # MFU on CPU.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    tokenizer: str
+    data: DataConfig
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    return config_io.load(TrainConfig, path, overrides)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Check the files the config names: the tokenizer fits the model, the corpora exist."""
+    from kosmos.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        tokenizer = Tokenizer(cfg.tokenizer)
+    except TokenizerError as error:
+        raise ConfigError(f"tokenizer: {error}") from None
+    if tokenizer.vocab_size != cfg.model.text.vocab_size:
+        raise ConfigError(
+            f"model.text.vocab_size: {cfg.model.text.vocab_size} does not match the tokenizer "
+            f"{cfg.tokenizer} ({tokenizer.vocab_size} ids)"
+        )
+    if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} does not exist")
+    cfg.data.check_paths("data")

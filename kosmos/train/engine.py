@@ -1,0 +1,120 @@
+"""The DeepSpeed side of training: process-group setup, the DeepSpeed config, the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kosmos.config import ConfigError
+from kosmos.train.config import TrainConfig
+from kosmos.train.optim import build_lr_schedule, build_optimizer
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+@dataclass
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistributedEnv:
+    """Join the process group set up by torchrun, the deepspeed launcher or SLURM+torchrun.
+
+    A plain `kosmos train` (no launcher) becomes a world of one, so training always runs through
+    the same DeepSpeed engine. NCCL on GPUs, gloo on CPU.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+    import deepspeed
+    import deepspeed.ops
+
+    if not cuda:
+        # DeepSpeed would otherwise JIT-compile a C++ shared-memory all-reduce here (a minute, a
+        # compiler, and a build lock shared by every process on the machine); gloo does the job.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return DistributedEnv(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=local_rank,
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+    )
+
+
+def use_bf16(setting: str | bool) -> bool:
+    if setting == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("deepspeed.bf16: this GPU does not support bf16 (set false or auto)")
+    return bool(setting)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batches_per_step: int, bf16: bool) -> dict[str, Any]:
+    """The stock config for the ZeRO stage (and offload), completed from the training config."""
+    ds = cfg.deepspeed
+    name = f"zero{ds.zero_stage}{'_offload' if ds.offload else ''}.json"
+    config = json.loads((DEEPSPEED_CONFIGS / name).read_text())
+    config.update(
+        train_micro_batch_size_per_gpu=cfg.data.micro_batch_size,
+        gradient_accumulation_steps=micro_batches_per_step,
+        gradient_clipping=cfg.optimizer.grad_clip,
+        bf16={"enabled": bf16},
+        steps_per_print=2**31 - 1,  # the trainer logs; DeepSpeed's own progress lines are noise
+    )
+    return _merge(config, ds.extra)
+
+
+def check_hardware(cfg: TrainConfig, env: DistributedEnv) -> None:
+    if cfg.deepspeed.offload and env.device.type != "cuda":
+        raise ConfigError("deepspeed.offload: offloading needs a GPU; on CPU everything is in host memory")
+    use_bf16(cfg.deepspeed.bf16)
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, micro_batches_per_step: int, bf16: bool):
+    """Wrap the model in a DeepSpeed engine with our AdamW and LR schedule (both checkpointed by it)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.deepspeed.offload)
+    schedule = build_lr_schedule(optimizer, cfg.optimizer, cfg.train.max_steps)
+    config = deepspeed_config(cfg, micro_batches_per_step, bf16)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=config, dist_init_required=False
+    )
+    return engine

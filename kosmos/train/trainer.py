@@ -1,0 +1,293 @@
+"""The training loop: data -> DeepSpeed engine -> metrics and checkpoints, resumable at any step.
+
+Each optimizer step takes the loader's micro-batches for this rank. The loss is normalised by the
+number of labelled tokens of the whole step over all ranks (as fairseq/torchscale did), so every
+token weighs the same whatever micro-batch or rank it landed on. A step whose loss or gradient is not
+finite is skipped by DeepSpeed's ZeRO optimizer; the trainer counts it, and a run of
+`train.max_nonfinite_steps` of them stops training.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from kosmos import config as config_io
+from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
+from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
+from kosmos.train.checkpoint import CheckpointError, CheckpointManager, load_weights
+from kosmos.train.config import TrainConfig, check_inputs
+from kosmos.train.engine import DistributedEnv, build_engine, check_hardware, init_distributed, use_bf16
+from kosmos.train.metrics import MetricsLogger, flops_utilisation, peak_flops, peak_memory_gb
+from kosmos.train.preemption import StopRequest
+from kosmos.train.state import TrainState, rng_state, seed_everything, set_rng_state
+
+# Per-corpus sums kept over a logging interval (one row per corpus), all-reduced when logged.
+LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES = range(5)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, env: DistributedEnv):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.env = env
+        self.sources = [corpus.name for corpus in cfg.data.corpora]
+        self.bf16 = use_bf16(cfg.deepspeed.bf16)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config_io.dump(cfg, run_dir / "config.yaml")
+
+        from kosmos.data import build_loader
+
+        # First, as it checks the step layout against the world size (a config error).
+        self.loader = build_loader(
+            cfg.data,
+            Tokenizer(cfg.tokenizer),
+            rank=env.rank,
+            world_size=env.world_size,
+            image_size=cfg.model.vision.image_size,
+            num_image_tokens=cfg.model.connector.num_queries,
+        )
+        # Identical initial weights on every rank: ZeRO-3 partitions each rank's own copy.
+        seed_everything(cfg.train.seed)
+        self.model = KosmosModel(cfg.model)
+        self.model.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
+        if cfg.train.compile:
+            self.model.compile_layers()
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, env.is_main)
+        resuming = self.checkpoints.latest_tag() is not None
+        if cfg.train.init_from is not None and not resuming:
+            source = load_weights(self.model, cfg.train.init_from)
+            self._print(f"initialised the weights from {source}")
+        self.engine = build_engine(cfg, self.model, self.loader.micro_batches_per_step, self.bf16)
+        self.state = TrainState()
+        if resuming:
+            self._resume()
+        else:
+            seed_everything(cfg.train.seed + env.rank)  # each rank its own dropout masks
+
+        self.peak_flops = peak_flops(cfg.logging, env.device, self.bf16)
+        self.language_flops = language_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.vision_flops = vision_flops_per_image(cfg.model)
+        self.stop = StopRequest()
+        self.metrics = MetricsLogger(
+            run_dir,
+            cfg.logging,
+            config_io.to_dict(cfg),
+            start_step=self.state.step,
+            max_steps=cfg.train.max_steps,
+            enabled=env.is_main,
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _client_state(self) -> dict:
+        everyone = [None] * self.env.world_size
+        dist.all_gather_object(everyone, {"data": self.loader.state_dict(), "rng": rng_state()})
+        return {"kosmos": {"train": self.state.state_dict(), "ranks": everyone}}
+
+    def _save(self) -> None:
+        started = time.perf_counter()
+        self.checkpoints.save(
+            self.engine, self.state.step, self._client_state(), self.cfg.model, Path(self.cfg.tokenizer)
+        )
+        self._print(f"step {self.state.step}: checkpoint saved in {time.perf_counter() - started:.1f} s")
+
+    def _resume(self) -> None:
+        client = self.checkpoints.load(self.engine)
+        saved = client["kosmos"]
+        if len(saved["ranks"]) != self.env.world_size:
+            raise CheckpointError(
+                f"{self.checkpoints.root}: the checkpoint was written by {len(saved['ranks'])} ranks; resume "
+                f"with the same number (data-loader positions and ZeRO shards are per rank), "
+                f"not {self.env.world_size}"
+            )
+        mine = saved["ranks"][self.env.rank]
+        self.state.load_state_dict(saved["train"])
+        self.loader.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"])
+        self._print(
+            f"resumed from {self.checkpoints.root / self.checkpoints.latest_tag()} at step {self.state.step}"
+        )
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches, then the optimizer step.
+
+        Returns this step's per-corpus sums (LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES).
+        """
+        device = self.env.device
+        labelled = torch.tensor(
+            [sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)], device=device
+        )
+        dist.all_reduce(labelled)
+        # DeepSpeed averages gradients over ranks; scaling by the world size makes the result the
+        # gradient of the mean loss over every labelled token of the step.
+        scale = self.env.world_size / max(1, int(labelled.item()))
+        sums = torch.zeros(len(self.sources), 5, dtype=torch.float64, device=device)
+        for mb in micro_batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in mb.items() if k != "source"}
+            output = self.engine(**batch)
+            self.engine.backward(output.token_loss.sum() * scale, scale_wrt_gas=False)
+            self.engine.step()
+            sums += self._batch_sums(mb["source"], batch, output.token_loss.detach())
+        return sums
+
+    def _batch_sums(self, sources: list[str], batch: dict, token_loss: torch.Tensor) -> torch.Tensor:
+        rows = torch.stack(
+            [
+                token_loss.double().sum(1),
+                (batch["labels"] != IGNORE_INDEX).sum(1).double(),
+                (batch["segment_ids"] > 0).sum(1).double(),
+                torch.full_like(token_loss[:, 0], token_loss.shape[1], dtype=torch.float64),
+                batch["image_mask"].sum(1).double() / self.cfg.model.connector.num_queries,
+            ],
+            dim=1,
+        )
+        which = torch.tensor([self.sources.index(s) for s in sources], device=rows.device)
+        return torch.zeros(len(self.sources), 5, dtype=torch.float64, device=rows.device).index_add_(
+            0, which, rows
+        )
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def _record(self, sums: torch.Tensor, seconds: float, lr: float) -> dict:
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+        total = sums.sum(0)
+        self.state.tokens_seen += int(total[TOKENS])
+        counters = [None] * self.env.world_size
+        dist.all_gather_object(counters, (self.loader.skipped, self.loader.dropped_images))
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.state.step,
+            "loss": float(total[LOSS_SUM] / total[LABELLED]) if total[LABELLED] else None,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": float(total[TOKENS]) / seconds if seconds else None,
+            "mfu": self._mfu(total, seconds),
+            "memory_gb": round(peak_memory_gb(self.env.device), 3),
+            "tokens_seen": self.state.tokens_seen,
+        }
+        for name, row in zip(self.sources, sums):
+            record[f"loss_{name}"] = float(row[LOSS_SUM] / row[LABELLED]) if row[LABELLED] else None
+            record[f"tokens_{name}"] = int(row[TOKENS])
+        record["skipped_samples"] = _sum_counts(skipped for skipped, _ in counters)
+        record["dropped_images"] = _sum_counts(dropped for _, dropped in counters)
+        record["skipped_nonfinite_steps"] = self.state.nonfinite_steps
+        return record
+
+    def _mfu(self, total: torch.Tensor, seconds: float) -> float | None:
+        if self.peak_flops is None or not seconds:
+            return None
+        parts = flops_utilisation(
+            float(total[POSITIONS]),
+            float(total[IMAGES]),
+            seconds,
+            self.language_flops,
+            self.vision_flops,
+            self.env.world_size * self.peak_flops,
+        )
+        return parts["language"] + parts["vision"]
+
+    def _print(self, text: str) -> None:
+        if self.env.is_main:
+            tqdm.write(text)  # above the progress bar, not through it
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg, state = self.cfg, self.state
+        interval = torch.zeros(len(self.sources), 5, dtype=torch.float64, device=self.env.device)
+        seconds = 0.0
+        data = iter(self.loader)
+        while state.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            lr = self.engine.get_lr()[0]
+            sums = self._train_step(next(data))
+            state.step += 1
+            if self.engine.was_step_applied():
+                interval += sums
+                state.consecutive_nonfinite = 0
+            else:
+                state.nonfinite_steps += 1
+                state.consecutive_nonfinite += 1
+                self._print(f"step {state.step}: non-finite loss or gradient, update skipped")
+            seconds += time.perf_counter() - started
+            self.metrics.advance()
+
+            too_many_nonfinite = state.consecutive_nonfinite >= cfg.train.max_nonfinite_steps
+            stopping = self.stop.anywhere(self.env.device)
+            saving = (
+                state.step % cfg.checkpoint.interval == 0 or state.step == cfg.train.max_steps or stopping
+            )
+            if state.step % cfg.train.log_interval == 0 or saving or too_many_nonfinite:
+                self.metrics.log(self._record(interval, seconds, lr))
+                interval.zero_()
+                seconds = 0.0
+            if too_many_nonfinite:
+                latest = self.checkpoints.latest_tag()
+                self._print(
+                    f"stopping: {state.consecutive_nonfinite} consecutive steps up to step {state.step} had a "
+                    f"non-finite loss or gradient; their updates were skipped. The last checkpoint is "
+                    f"{self.checkpoints.root / latest if latest else 'none'}."
+                )
+                return 1
+            if saving:
+                self._save()
+            if stopping:
+                self._print(
+                    f"stopped at step {state.step} by {self.stop.signal_name or 'a signal on another rank'}; "
+                    f"run the same command again to resume"
+                )
+                return 0
+        self._print(f"done: {state.step} steps; checkpoints in {self.checkpoints.root}")
+        return 0
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _sum_counts(per_rank) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for counts in per_rank:
+        total.update(counts)
+    return dict(sorted(total.items()))
+
+
+def prepare_inputs(cfg: TrainConfig, env: DistributedEnv) -> None:
+    """Build the sample corpus if the config asks for it, then check every input file."""
+    if cfg.train.sample_corpus is not None and not Path(cfg.train.sample_corpus).exists():
+        if env.is_main:
+            from kosmos.data.sample import build_sample
+
+            print(f"building the sample corpus in {cfg.train.sample_corpus}", flush=True)
+            build_sample(Path(cfg.train.sample_corpus))
+        dist.barrier()
+    check_inputs(cfg)
+    check_hardware(cfg, env)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> int:
+    """Train (or resume) the run in `run_dir`; returns the process exit code."""
+    # DeepSpeed calls torch.distributed functions that torch has renamed, once per bucket and step.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
+    env = init_distributed()
+    trainer = None
+    try:
+        prepare_inputs(cfg, env)
+        trainer = Trainer(cfg, run_dir, env)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        dist.destroy_process_group()

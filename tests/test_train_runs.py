@@ -1,0 +1,364 @@
+"""End-to-end training runs on the sample corpus: exact resume under ZeRO-2/3 on two ranks, two
+simulated nodes, a save killed halfway, non-finite steps, pre-emption signals, the trainable set.
+
+Every run is a real `kosmos train` process (under torchrun where there are several ranks) with the
+tiny model cut to two layers and short sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kosmos.data.build import build_instruction
+from kosmos.data.sample import NUMBER_WORDS, build_sample
+from kosmos.model import KosmosModel, load_model_config
+from kosmos.train.checkpoint import checkpoint_tag, consolidated_state_dict, load_model_from_checkpoint
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["model.text.layers=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "sample"
+    build_sample(out)
+    return out
+
+
+@pytest.fixture
+def recipe(sample, tmp_path) -> Path:
+    """Two micro-batches of two 128-token rows per rank and step (one with two ranks)."""
+    corpora = [
+        {"kind": kind, "path": str(sample / kind), "tokens_per_step": tokens}
+        for kind, tokens in (("text", 256), ("caption", 512), ("interleaved", 256))
+    ]
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(REPO / "configs/model/tiny.yaml"),
+                "tokenizer": str(sample / "tokenizer.model"),
+                "data": {"seq_len": 128, "micro_batch_size": 2, "num_workers": 0, "corpora": corpora},
+                "train": {"max_steps": 20, "log_interval": 1, "seed": 7},
+                "optimizer": {"lr": 2.0e-3, "warmup_steps": 5},
+                "checkpoint": {"interval": 10, "keep": 3},
+                "logging": {"tensorboard": False, "progress_bar": False},
+            }
+        )
+    )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(recipe: Path, run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    return [
+        *launcher,
+        "-m",
+        "kosmos",
+        "train",
+        "--config",
+        str(recipe),
+        "--run-dir",
+        str(run_dir),
+        *SMALL,
+        *overrides,
+    ]
+
+
+def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, check=False, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record for record in map(json.loads, lines)}
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(run_dir / "checkpoints" / checkpoint_tag(step))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_resume_exactly(recipe, tmp_path, stage):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    zero = f"deepspeed.zero_stage={stage}"
+    result = run(train_command(recipe, straight, zero, ranks=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == [
+        checkpoint_tag(10),
+        checkpoint_tag(20),
+    ]
+
+    # A run that stopped after its step-10 checkpoint: nothing of steps 11-20 exists yet.
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        straight / "checkpoints" / checkpoint_tag(10), resumed / "checkpoints" / checkpoint_tag(10)
+    )
+    (resumed / "checkpoints" / "latest").write_text(checkpoint_tag(10))
+    result = run(train_command(recipe, resumed, zero, ranks=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+
+    first, second = metrics(straight), metrics(resumed)
+    assert sorted(second) == list(range(11, 21))
+    for step in range(11, 21):
+        for key in (
+            "loss",
+            "loss_text",
+            "loss_caption",
+            "loss_interleaved",
+            "grad_norm",
+            "lr",
+            "tokens_seen",
+        ):
+            assert second[step][key] == first[step][key], (step, key)
+
+    # The tiny model learns.
+    losses = [first[s]["loss"] for s in range(1, 21)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+    # DeepSpeed optimizes exactly the model's trainable parameters; frozen ones never move from
+    # their initial values (the trainer seeds with train.seed before building the model).
+    torch.manual_seed(7)
+    model = KosmosModel(load_model_config(straight / "checkpoints" / checkpoint_tag(10) / "model.yaml"))
+    trainable = set(model.trainable_parameter_names())
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(
+        dict(model.named_parameters())
+    )
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    optimized = get_fp32_state_dict_from_zero_checkpoint(
+        str(straight / "checkpoints"), tag=checkpoint_tag(20), exclude_frozen_parameters=True
+    )
+    assert set(optimized) == trainable | tied  # tied: the LM head shares embed_tokens' weight
+    before, after = model.state_dict(), weights(straight, 20)
+    assert set(after) == set(before)
+    for name in before:
+        if name in trainable | tied:
+            assert not torch.equal(before[name], after[name]), name
+        else:
+            assert torch.equal(before[name], after[name]), name
+
+
+def test_two_nodes_train_and_checkpoint(recipe, tmp_path):
+    """launch/torchrun.sh started twice, as on two nodes, meeting through a loopback c10d rendezvous."""
+    run_dir = tmp_path / "run"
+    env = {
+        **ENV,
+        "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}",
+        "NNODES": "2",
+        "GPUS_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RDZV_ID": "two-nodes",
+    }
+    command = [str(REPO / "launch/torchrun.sh"), str(recipe), str(run_dir), *SMALL]
+    command += ["train.max_steps=4", "checkpoint.interval=2", "deepspeed.zero_stage=2"]
+    nodes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert latest(run_dir) == checkpoint_tag(4)
+    checkpoint = run_dir / "checkpoints" / checkpoint_tag(4)
+    assert len(list(checkpoint.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert sorted(metrics(run_dir)) == [1, 2, 3, 4]
+    model, tokenizer, _ = load_model_from_checkpoint(run_dir)
+    assert tokenizer.vocab_size == model.cfg.text.vocab_size
+
+
+KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    save = torch.save
+    def save_then_die(obj, path, *args, **kwargs):
+        save(obj, path, *args, **kwargs)
+        if "step_00000004" in str(path):  # the first file of the step-4 checkpoint is written
+            os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = save_then_die
+    from kosmos.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_save_killed_halfway_keeps_the_previous_checkpoint(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(recipe), "--run-dir", str(run_dir), *SMALL]
+    args += ["train.max_steps=6", "checkpoint.interval=2", "checkpoint.keep=2"]
+    result = run([sys.executable, "-c", KILL_DURING_SAVE, *args])
+    assert result.returncode == -signal.SIGKILL
+    assert latest(run_dir) == checkpoint_tag(2)
+    assert (run_dir / "checkpoints" / (checkpoint_tag(4) + ".partial")).is_dir()
+    load_model_from_checkpoint(run_dir)  # the previous checkpoint is whole
+
+    result = run([sys.executable, "-m", "kosmos", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoints/{checkpoint_tag(2)} at step 2" in result.stdout + result.stderr
+    assert latest(run_dir) == checkpoint_tag(6)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        checkpoint_tag(4),
+        checkpoint_tag(6),
+    ]
+    assert sorted(metrics(run_dir)) == [1, 2, 3, 4, 5, 6]  # steps 3-4 logged once, by the resumed run
+
+
+POISON_STEPS = textwrap.dedent(
+    """
+    import sys
+    from kosmos.model import KosmosModel
+    from kosmos.train.trainer import Trainer
+    BAD = {3, 4} | set(range(7, 100))
+    current = {"step": 0}
+    train_step, forward = Trainer._train_step, KosmosModel.forward
+    def counting_step(self, micro_batches):
+        current["step"] = self.state.step + 1
+        return train_step(self, micro_batches)
+    def poisoned_forward(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if current["step"] in BAD:
+            output.token_loss = output.token_loss * float("nan")
+        return output
+    Trainer._train_step, KosmosModel.forward = counting_step, poisoned_forward
+    from kosmos.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_nonfinite_steps_are_skipped_and_a_run_of_them_stops(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(recipe), "--run-dir", str(run_dir), *SMALL]
+    args += [
+        "train.max_steps=20",
+        "train.max_nonfinite_steps=3",
+        "checkpoint.interval=2",
+        "checkpoint.keep=10",
+    ]
+    result = run([sys.executable, "-c", POISON_STEPS, *args])
+    assert result.returncode == 1
+    assert "3 consecutive steps up to step 9" in result.stdout + result.stderr
+    records = metrics(run_dir)
+    assert records[4]["skipped_nonfinite_steps"] == 2 and records[6]["skipped_nonfinite_steps"] == 2
+    assert records[9]["skipped_nonfinite_steps"] == 5
+    assert records[5]["loss"] is not None and records[9]["loss"] is None
+    # Skipped steps leave the weights alone; the last checkpoint holds the weights before the run.
+    assert latest(run_dir) == checkpoint_tag(8)
+    w2, w4, w6, w8 = (weights(run_dir, s) for s in (2, 4, 6, 8))
+    assert all(torch.equal(w2[k], w4[k]) for k in w2)
+    assert not all(torch.equal(w4[k], w6[k]) for k in w4)
+    assert all(torch.equal(w6[k], w8[k]) for k in w6)
+    assert all(torch.isfinite(t).all() for t in w8.values() if t.is_floating_point())
+
+
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def test_preemption_signal_to_every_process_checkpoints_and_exits_cleanly(recipe, tmp_path):
+    """As under SLURM (launch/slurm.sbatch): SIGTERM reaches torchrun, both ranks and their loader workers."""
+    run_dir = tmp_path / "run"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--signals-to-handle",
+        "SIGINT",
+        "--standalone",
+    ]
+    command = [
+        *torchrun, "--nproc_per_node=2", "-m", "kosmos", "train", "--config", str(recipe), "--run-dir", str(run_dir),
+        *SMALL, "train.max_steps=500", "checkpoint.interval=1000", "data.num_workers=1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        ["bash", "-c", 'trap "" USR1 TERM; exec "$@"', "_", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    deadline = time.time() + 180
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    for pid in process_tree(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-3000:]
+    stopped = max(metrics(run_dir))
+    assert 1 < stopped < 500
+    assert f"stopped at step {stopped} by SIGTERM" in output
+    assert latest(run_dir) == checkpoint_tag(stopped)
+    load_model_from_checkpoint(run_dir)
+
+
+def test_instruction_tuning_starts_from_the_pretrained_weights(recipe, tmp_path):
+    pretrained, tuned = tmp_path / "pretrained", tmp_path / "tuned"
+    result = run(train_command(recipe, pretrained, "train.max_steps=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    triples = [
+        {"instruction": "Write the digit as a word.", "input": str(d), "output": word}
+        for d, word in enumerate(NUMBER_WORDS)
+    ]
+    (tmp_path / "triples.jsonl").write_text("\n".join(json.dumps(t) for t in triples))
+    build_instruction([tmp_path / "triples.jsonl"], tmp_path / "instructions")
+    mixture = yaml.safe_load(recipe.read_text())
+    mixture["data"]["corpora"].append(
+        {"kind": "instruction", "path": str(tmp_path / "instructions"), "tokens_per_step": 256}
+    )
+    (tmp_path / "instruct.yaml").write_text(yaml.safe_dump(mixture))
+    # With a zero learning rate the tuned weights stay exactly the pretrained ones.
+    overrides = [f"train.init_from={pretrained}", "train.max_steps=1", "optimizer.lr=0.0"]
+    result = run(train_command(tmp_path / "instruct.yaml", tuned, *overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"initialised the weights from {pretrained / 'checkpoints' / checkpoint_tag(2)}"
+        in result.stdout + result.stderr
+    )
+    before, after = weights(pretrained, 2), weights(tuned, 1)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    record = metrics(tuned)[1]
+    assert record["loss_instruction"] > 0 and record["tokens_instruction"] > 0
