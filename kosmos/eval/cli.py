@@ -1,0 +1,210 @@
+"""`kosmos eval`: zero- and few-shot evaluation of a checkpoint on registered tasks; `kosmos mmcot`:
+the two stages of multimodal chain-of-thought on ScienceQA at test time (docs/mmcot.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from kosmos.config import ConfigError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="zero- and few-shot evaluation (captioning, VQA, Raven, chain-of-thought, classification)",
+        description="Evaluate a checkpoint on tasks defined in configs/eval/*.yaml. Under torchrun the "
+        "samples are sharded over the ranks and rank 0 writes the results.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint folder"
+    )
+    parser.add_argument(
+        "--tasks", required=True, help="comma-separated task names (configs/eval/NAME.yaml) or YAML paths"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder; a rerun continues from its cache"
+    )
+    parser.add_argument(
+        "--shots", type=_int_list, default=[0], help="demonstration counts, e.g. 0,4,8 (default 0)"
+    )
+    parser.add_argument(
+        "--demos",
+        default="random",
+        choices=("random", "rices", "stratified"),
+        help="how demonstrations are chosen (default random)",
+    )
+    parser.add_argument("--trials", type=int, default=1, help="repeats with different random demonstrations")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass and rank")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("."), help="folder the tasks' data roots are in"
+    )
+    parser.add_argument("--task-dir", type=Path, help="where task names are looked up (default configs/eval)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of demonstration draws and bootstrap")
+    parser.add_argument("--device", help="default: cuda (the rank's GPU) when available, else cpu")
+    parser.add_argument(
+        "--retrieval-clip",
+        default="ViT-L-14-quickgelu",
+        help="open_clip model name for --demos rices/stratified",
+    )
+    parser.add_argument(
+        "--retrieval-weights", help="local open_clip checkpoint file for --demos rices/stratified"
+    )
+    parser.set_defaults(handler=_eval)
+    _register_mmcot(subparsers)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from kosmos.config import to_dict
+    from kosmos.eval.backend import ModelBackend, load_for_eval
+    from kosmos.eval.demos import ClipEmbedder
+    from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
+
+    options = EvalOptions(
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        out=args.out,
+        shots=args.shots,
+        demos=args.demos,
+        trials=args.trials,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        data_root=args.data_root,
+        task_dir=args.task_dir,
+        seed=args.seed,
+    )
+    options.validate()
+    tasks = prepare_tasks(options)  # every task file and data set checked before the model loads
+    retrieval = args.demos != "random" and any(s > 0 for s in options.shots)
+    if retrieval and not args.retrieval_weights:
+        raise ConfigError(f"--demos {args.demos}: needs --retrieval-weights (a local open_clip checkpoint)")
+    device = args.device or (
+        f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    )
+    model, tokenizer, model_cfg = load_for_eval(args.checkpoint, device)
+    embedder = ClipEmbedder(args.retrieval_clip, args.retrieval_weights, device) if retrieval else None
+    results = evaluate(
+        ModelBackend(model, tokenizer, options.batch_size),
+        options,
+        str(args.checkpoint),
+        to_dict(model_cfg),
+        embedder,
+        tasks,
+    )
+    if results is not None:
+        print((options.out / "report.md").read_text())
+    return 0
+
+
+def _register_mmcot(subparsers: argparse._SubParsersAction) -> None:
+    mmcot = subparsers.add_parser(
+        "mmcot",
+        help="multimodal chain-of-thought on ScienceQA: stage-1 rationales, then stage-2 answers",
+        description="Run `rationales` with the stage-1 checkpoint, then `answers` with the stage-2 "
+        "checkpoint and --rationales OUT/predictions.jsonl (matched by problem id). See docs/mmcot.md.",
+    )
+    commands = mmcot.add_subparsers(dest="mmcot_command", required=True)
+    rationales = commands.add_parser("rationales", help="stage 1: a rationale per problem, ROUGE-L")
+    rationales.add_argument("--max-new-tokens", type=int, default=512)
+    answers = commands.add_parser("answers", help="stage 2 (or the one-stage baseline): accuracy")
+    answers.add_argument(
+        "--rationales",
+        type=Path,
+        help="stage-1 predictions.jsonl (id, prediction); without it the problems are answered directly "
+        "(the one-stage baseline, for a checkpoint fine-tuned on the direct stage)",
+    )
+    answers.add_argument("--max-new-tokens", type=int, default=16)
+    for command, handler in ((rationales, _mmcot_rationales), (answers, _mmcot_answers)):
+        command.add_argument(
+            "--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint folder"
+        )
+        command.add_argument(
+            "--data", required=True, type=Path, help="ScienceQA folder: problems.json, pid_splits.json, images/"
+        )
+        command.add_argument("--split", default="test", help="a split of pid_splits.json (default: test)")
+        command.add_argument(
+            "--out", required=True, type=Path, help="output folder; a rerun continues from its cache"
+        )
+        command.add_argument("--limit", type=int, help="only the first N problems of the split")
+        command.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+        command.add_argument("--device", help="default: cuda when available, else cpu")
+        command.set_defaults(handler=handler)
+
+
+def _mmcot_problems(args: argparse.Namespace) -> list:
+    """The split's problems (first --limit), checked before any model loads."""
+    from kosmos.data.scienceqa import load_dataset
+    from kosmos.eval.mmcot import check_problems
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be >= 1")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--batch-size and --max-new-tokens must be >= 1")
+    problems = load_dataset(args.data, args.split)[: args.limit]
+    check_problems(problems, args.split)
+    return problems
+
+
+def _mmcot_backend(args: argparse.Namespace):
+    import torch
+
+    from kosmos.eval.backend import ModelBackend, load_for_eval
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_for_eval(args.checkpoint, device)
+    return ModelBackend(model, tokenizer, args.batch_size)
+
+
+def _mmcot_rationales(args: argparse.Namespace) -> int:
+    from kosmos.eval.mmcot import generate_rationales, score_rationales, write_results
+
+    problems = _mmcot_problems(args)
+    records = generate_rationales(
+        _mmcot_backend(args), problems, args.out, str(args.checkpoint), args.max_new_tokens, args.batch_size
+    )
+    results = {
+        "stage": "rationale",
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "rationales": score_rationales(problems, [r["prediction"] for r in records]),
+    }
+    print(write_results(args.out, results))
+    return 0
+
+
+def _mmcot_answers(args: argparse.Namespace) -> int:
+    from kosmos.data.scienceqa import rationales_for, read_rationales
+    from kosmos.eval.mmcot import answer_problems, score_answers, score_rationales, write_results
+
+    problems = _mmcot_problems(args)
+    if args.rationales is not None:  # every problem has its rationale, known before the model loads
+        rationales_for(problems, read_rationales(args.rationales), str(args.rationales))
+    records = answer_problems(
+        _mmcot_backend(args),
+        problems,
+        args.out,
+        str(args.checkpoint),
+        args.rationales,
+        args.max_new_tokens,
+        args.batch_size,
+    )
+    results = {
+        "stage": "direct" if args.rationales is None else "answer",
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "answers": score_answers(records),
+    }
+    if args.rationales is not None:
+        results["rationales"] = score_rationales(problems, [r["rationale"] for r in records])
+    print(write_results(args.out, results))
+    return 0

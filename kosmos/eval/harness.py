@@ -1,0 +1,370 @@
+"""The evaluation loop: tasks x shots x trials, sharded over ranks, cached, scored and reported.
+
+Every task file is read, validated and its data checked before the model runs. Each run (task, shot
+count, demonstration scheme, trial) keeps its predictions in `OUT/predictions/<run>/predictions.jsonl`,
+appended batch by batch by rank 0, so an interrupted evaluation continues where it stopped. With
+several processes (torchrun: RANK, WORLD_SIZE), each step gives every rank a slice of the next batch
+and rank 0 gathers the records; only rank 0 writes. Scores go to `OUT/results.json`, and
+`OUT/report.md` shows them in a table next to a plot of score against shots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kosmos.config import ConfigError, to_dict
+from kosmos.eval.datasets import Sample, load_samples
+from kosmos.eval.demos import SCHEMES, build_selector
+from kosmos.eval.metrics import MetricResult, bootstrap_ci, compute_metrics
+from kosmos.eval.report import write_report
+from kosmos.eval.runners import run_batch
+from kosmos.eval.tasks import TaskConfig, load_task, task_path
+
+
+@dataclass
+class EvalOptions:
+    tasks: list[str]
+    out: Path
+    shots: list[int] = field(default_factory=lambda: [0])
+    demos: str = "random"
+    trials: int = 1
+    limit: int | None = None
+    batch_size: int = 8
+    data_root: Path = Path(".")
+    task_dir: Path | None = None
+    seed: int = 0
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+
+    def validate(self) -> None:
+        if self.demos not in SCHEMES:
+            raise ConfigError(f"--demos: unknown scheme {self.demos!r} (known: {', '.join(SCHEMES)})")
+        if not self.shots or any(s < 0 for s in self.shots):
+            raise ConfigError(f"--shots: counts must be >= 0, got {self.shots}")
+        if self.trials < 1 or self.batch_size < 1:
+            raise ConfigError("--trials and --batch-size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be >= 1")
+
+
+@dataclass
+class PreparedTask:
+    path: Path
+    config: TaskConfig
+    samples: list[Sample]
+    pool: list[Sample] | None  # demonstrations, when the task has a demo split and shots are asked for
+
+
+@dataclass
+class Run:
+    """One evaluation of one task at one shot count (and trial)."""
+
+    task: PreparedTask
+    shots: int
+    trial: int
+    demos: str | None  # None at zero shots
+
+    @property
+    def key(self) -> str:
+        if self.shots == 0:
+            return f"{self.task.config.name}/0shot"
+        return f"{self.task.config.name}/{self.demos}/{self.shots}shot_trial{self.trial}"
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPU), if there is one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def log(message: str) -> None:
+    if rank_and_world()[0] == 0:
+        print(f"kosmos eval: {message}", file=sys.stderr, flush=True)
+
+
+def prepare_tasks(options: EvalOptions) -> list[PreparedTask]:
+    """Read every task and its data up front, so a bad file stops everything before compute."""
+    prepared = []
+    wants_demos = any(s > 0 for s in options.shots)
+    for name in options.tasks:
+        path = task_path(name, options.task_dir)
+        task = load_task(name, options.task_dir)
+        try:
+            samples = load_samples(task, "eval", options.data_root)
+            pool = load_samples(task, "demos", options.data_root) if wants_demos and task.few_shot else None
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        if options.limit is not None:
+            samples = samples[: options.limit]
+        prepared.append(PreparedTask(path, task, samples, pool))
+    return prepared
+
+
+def plan_runs(tasks: Sequence[PreparedTask], options: EvalOptions) -> list[Run]:
+    runs = []
+    for task in tasks:
+        for shots in options.shots:
+            if shots == 0:
+                runs.append(Run(task, 0, 0, None))
+            elif task.pool is None:
+                log(f"{task.config.name}: no demonstration split, {shots}-shot skipped (zero-shot only)")
+            else:
+                # Retrieval is deterministic: only random demonstrations have trials to repeat.
+                trials = options.trials if options.demos == "random" else 1
+                runs.extend(Run(task, shots, t, options.demos) for t in range(trials))
+    return runs
+
+
+class PredictionCache:
+    """The predictions of one run, one JSON record per line; tells which samples are done."""
+
+    def __init__(self, folder: Path, identity: dict):
+        self.folder = folder
+        self.path = folder / "predictions.jsonl"
+        self.identity = identity
+
+    def open(self) -> dict[str, dict]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        identity_file = self.folder / "run.json"
+        if identity_file.is_file():
+            stored = json.loads(identity_file.read_text())
+            if stored != self.identity:
+                raise ConfigError(
+                    f"{self.folder} holds predictions from another checkpoint or task configuration; "
+                    "use another --out (or remove that folder)"
+                )
+        else:
+            identity_file.write_text(json.dumps(self.identity, indent=1))
+        records = {}
+        if self.path.is_file():
+            with self.path.open() as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by an interruption: that sample runs again
+                    records[record["id"]] = record
+        return records
+
+    def append(self, records: Sequence[dict]) -> None:
+        with self.path.open("a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _broadcast(value):
+    if dist.is_available() and dist.is_initialized():
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    if dist.is_available() and dist.is_initialized():
+        rank, world = rank_and_world()
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(records, gathered, dst=0)
+        return [r for part in gathered for r in part] if rank == 0 else []
+    return records
+
+
+def predict(run: Run, backend, selector, options: EvalOptions, identity: dict) -> list[dict] | None:
+    """Every sample's record for `run` (on rank 0; None elsewhere), running only what is not cached."""
+    rank, world = rank_and_world()
+    cache = PredictionCache(options.out / "predictions" / run.key, identity)
+    cached, problem = {}, None
+    if rank == 0:
+        try:
+            cached = cache.open()
+        except ConfigError as error:
+            problem = str(error)
+    done, problem = _broadcast((set(cached), problem))
+    if problem:  # every rank stops, not only rank 0
+        raise ConfigError(problem)
+    todo = [s for s in run.task.samples if s.id not in done]
+    if todo:
+        log(f"{run.key}: {len(todo)} of {len(run.task.samples)} samples to run")
+    pool = run.task.pool
+    step_size = options.batch_size * world
+    for start in range(0, len(todo), step_size):
+        mine = todo[start : start + step_size][rank::world]
+        records = []
+        if mine:
+            demos = [
+                [pool[i] for i in selector.select(q, run.shots, run.trial)] if run.shots else [] for q in mine
+            ]
+            records = run_batch(run.task.config, backend, mine, demos)
+            for record, sample_demos in zip(records, demos):
+                record.update(shots=run.shots, trial=run.trial, demos=[d.id for d in sample_demos])
+        records = _gather(records)
+        if rank == 0:
+            cache.append(records)
+            cached.update((r["id"], r) for r in records)
+    if rank != 0:
+        return None
+    return [cached[s.id] for s in run.task.samples]
+
+
+def score(run: Run, records: list[dict], options: EvalOptions, checkpoint: str) -> list[dict]:
+    """Result rows for one run: one per metric, with a bootstrap interval where the metric allows."""
+    task = run.task.config
+    results, unavailable = compute_metrics(task.metrics, records, task.unanswerable_aliases)
+    base = {
+        "task": task.name,
+        "shots": run.shots,
+        "trial": run.trial,
+        "demos": run.demos,
+        "checkpoint": checkpoint,
+        "num_samples": len(records),
+        "config": to_dict(task),
+    }
+    rows = []
+    for result in results:
+        rows.append({**base, **_metric_fields(result, options), "per_sample": result.per_sample})
+    for name, reason in unavailable.items():
+        rows.append({**base, "metric": name, "value": None, "unavailable": reason})
+        log(f"{task.name}: {name} not computed: {reason}")
+    return rows
+
+
+def _metric_fields(result: MetricResult, options: EvalOptions) -> dict:
+    ci = None
+    if result.per_sample:
+        ci = list(
+            bootstrap_ci(result.per_sample, options.confidence, options.bootstrap_resamples, options.seed)
+        )
+    return {
+        "metric": result.metric,
+        "value": result.value,
+        "ci": ci,
+        "confidence": options.confidence,
+        "breakdown": result.breakdown,
+        "note": result.note,
+    }
+
+
+def summarize(rows: Sequence[dict], options: EvalOptions) -> list[dict]:
+    """Per task, metric and shot count: mean and spread over trials, and a bootstrap interval of the
+    per-sample scores averaged over trials."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["metric"], row["shots"]), []).append(row)
+    summary = []
+    for (task, metric, shots), members in groups.items():
+        values = [m["value"] for m in members if m["value"] is not None]
+        entry = {
+            "task": task,
+            "metric": metric,
+            "shots": shots,
+            "trials": len(members),
+            "demos": members[0]["demos"],
+        }
+        if not values:
+            entry.update(value=None, std=None, ci=None, unavailable=members[0].get("unavailable"))
+        else:
+            per_sample = [m.get("per_sample") for m in members]
+            ci = None
+            if all(per_sample):
+                averaged = np.mean(np.asarray(per_sample, dtype=np.float64), axis=0)
+                ci = list(
+                    bootstrap_ci(averaged, options.confidence, options.bootstrap_resamples, options.seed)
+                )
+            entry.update(
+                value=statistics.fmean(values),
+                std=statistics.pstdev(values) if len(values) > 1 else 0.0,
+                ci=ci,
+            )
+        summary.append(entry)
+    return summary
+
+
+def write_results(rows: list[dict], options: EvalOptions, checkpoint: str, model_config: dict | None) -> dict:
+    results = {
+        "checkpoint": checkpoint,
+        "model_config": model_config,
+        "options": {
+            "tasks": options.tasks,
+            "shots": options.shots,
+            "demos": options.demos,
+            "trials": options.trials,
+            "limit": options.limit,
+            "seed": options.seed,
+            "confidence": options.confidence,
+        },
+        "summary": summarize(rows, options),
+        "results": [{k: v for k, v in r.items() if k != "per_sample"} for r in rows],
+    }
+    options.out.mkdir(parents=True, exist_ok=True)
+    tmp = options.out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(options.out / "results.json")
+    return results
+
+
+def evaluate(
+    backend,
+    options: EvalOptions,
+    checkpoint: str = "",
+    model_config: dict | None = None,
+    embedder=None,
+    tasks: list[PreparedTask] | None = None,
+) -> dict | None:
+    """Run every task at every shot count; returns the results (on rank 0; None elsewhere).
+
+    `backend` answers prompts (`ModelBackend` around a model, or anything with its two methods);
+    `embedder` gives CLIP embeddings for the retrieval demonstration schemes; `tasks` are the
+    prepared tasks when the caller has read them already (before loading the model).
+    """
+    options.validate()
+    tasks = tasks if tasks is not None else prepare_tasks(options)
+    init_distributed()
+    rank, _ = rank_and_world()
+    runs = plan_runs(tasks, options)
+    rows: list[dict] = []
+    selectors: dict[str, object] = {}
+    for run in runs:
+        selector = None
+        if run.shots:
+            name = run.task.config.name
+            if name not in selectors:
+                selectors[name] = build_selector(
+                    options.demos,
+                    run.task.pool,
+                    run.task.samples,
+                    embedder,
+                    run.task.config.demo_group,
+                    options.seed,
+                )
+            selector = selectors[name]
+        identity = {"checkpoint": checkpoint, "task": to_dict(run.task.config)}
+        if run.shots:  # which demonstrations a query gets depends on these too
+            identity.update(seed=options.seed, retrieval=getattr(embedder, "name", None))
+        records = predict(run, backend, selector, options, identity)
+        if rank == 0:
+            rows.extend(score(run, records, options, checkpoint))
+            write_results(rows, options, checkpoint, model_config)
+    if rank != 0:
+        return None
+    results = write_results(rows, options, checkpoint, model_config)
+    write_report(results, options.out)
+    log(f"results in {options.out / 'results.json'}, report in {options.out / 'report.md'}")
+    return results

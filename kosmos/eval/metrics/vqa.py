@@ -1,0 +1,237 @@
+"""The official VQA accuracy (VQAv2 / VizWiz): answer normalisation and the 10-way leave-one-out score.
+
+Follows the VQA challenge's evaluation script rule for rule, including its quirks, so numbers are
+comparable with published ones:
+- the prediction is always normalised (punctuation, then number words, articles and contractions);
+- the human answers only get the punctuation step, and only when they disagree with each other;
+- a prediction scores min(1, matches / 3) against each subset of nine of the ten human answers, and
+  the ten subset scores are averaged.
+The leave-one-out subsets are taken by position, which equals the official script on VQAv2 (whose
+answers carry unique ids) and is the intended behaviour on VizWiz (whose answers have no ids).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+CONTRACTIONS = {
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
+}
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
+# The official pattern reads "(?!<=\d)", a typo for a look-behind: it removes every period that is
+# not followed by a digit (so "2.5" keeps its point, "yes." loses it). Kept as is for equal numbers.
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+
+# Older VizWiz releases labelled unanswerable questions with these before settling on "unanswerable".
+VIZWIZ_UNANSWERABLE_LABELS = ("unsuitable", "unsuitable image")
+
+
+def normalize_punctuation(text: str) -> str:
+    """Drop a punctuation mark next to a space (or anywhere, in text with a digit grouping comma),
+    otherwise turn it into a space; then strip periods that are not decimal points."""
+    out = text
+    drop_everywhere = COMMA_BETWEEN_DIGITS.search(text) is not None
+    for mark in PUNCTUATION:
+        if drop_everywhere or mark + " " in text or " " + mark in text:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return PERIOD_STRIP.sub("", out)
+
+
+def normalize_words(text: str) -> str:
+    """Lower-case, number words to digits, articles dropped, contractions given their apostrophes."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words)
+
+
+def normalize_prediction(answer: str) -> str:
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return normalize_words(normalize_punctuation(answer))
+
+
+def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """Accuracy in [0, 1] of one predicted answer against the (usually ten) human answers."""
+    if not human_answers:
+        raise ValueError("a VQA question needs at least one human answer")
+    answer = normalize_prediction(prediction)
+    humans = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
+    if len(set(humans)) > 1:
+        humans = [normalize_punctuation(a) for a in humans]
+    matches = [h == answer for h in humans]
+    total = sum(matches)
+    # Leaving out answer i removes its own match (if any) from the count.
+    scores = [min(1.0, (total - matched) / 3.0) for matched in matches]
+    return sum(scores) / len(scores)
+
+
+def vizwiz_answers(human_answers: Sequence[str]) -> list[str]:
+    """VizWiz human answers with the legacy unanswerable labels mapped to "unanswerable"."""
+    return ["unanswerable" if a.strip().lower() in VIZWIZ_UNANSWERABLE_LABELS else a for a in human_answers]
+
+
+def map_unanswerable(prediction: str, aliases: Sequence[str]) -> str:
+    """A prediction that (once normalised) is one of `aliases` becomes "unanswerable"."""
+    normalized = normalize_prediction(prediction)
+    if normalized in {normalize_prediction(a) for a in aliases}:
+        return "unanswerable"
+    return prediction

@@ -1,0 +1,188 @@
+"""Multimodal chain-of-thought on ScienceQA at test time (the Multimodal-CoT recipe, docs/mmcot.md).
+
+`generate_rationales`: the stage-1 model writes a rationale for each problem (scored by ROUGE-L against
+the lecture and solution). `answer_problems`: the stage-2 model reads each problem with its rationale,
+looked up by problem id, and writes `The answer is (X).` (or, for the one-stage baseline, answers
+without one). An answer that names none of the options counts as wrong; nothing is guessed.
+
+Each command keeps its records in `OUT/predictions.jsonl`, appended batch by batch, so an interrupted
+run continues where it stopped; `OUT/results.json` and `OUT/report.md` hold the scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kosmos.config import ConfigError
+from kosmos.data.scienceqa import (
+    Problem,
+    gold_rationale,
+    missing_images,
+    parse_answer,
+    prompt_parts,
+    rationales_for,
+    read_rationales,
+)
+from kosmos.eval.harness import PredictionCache
+from kosmos.eval.metrics import bootstrap_ci, compute_metrics
+from kosmos.eval.tasks import DecodingConfig
+
+
+def check_problems(problems: Sequence[Problem], split: str) -> None:
+    """Before any compute: there are problems to run and all their images exist."""
+    if not problems:
+        raise ConfigError(f"--split: {split} holds no problems")
+    missing = missing_images(list(problems))
+    if missing:
+        raise ConfigError(f"--data: {len(missing)} image file(s) missing, first: {missing[0]}")
+
+
+def _run(
+    backend,
+    problems: Sequence[Problem],
+    cache: PredictionCache,
+    prompt: Callable[[Problem], list],
+    record: Callable[[Problem, str], dict],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[dict]:
+    """One record per problem, generating only for those the cache does not hold yet."""
+    done = cache.open()
+    todo = [p for p in problems if p.pid not in done]
+    decoding = DecodingConfig(strategy="greedy", max_new_tokens=max_new_tokens)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        texts = backend.generate([prompt(p) for p in batch], decoding)
+        records = [record(p, text) for p, text in zip(batch, texts, strict=True)]
+        cache.append(records)
+        done.update((r["id"], r) for r in records)
+    return [done[p.pid] for p in problems]
+
+
+def generate_rationales(
+    backend,
+    problems: Sequence[Problem],
+    out: Path,
+    checkpoint: str,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+) -> list[dict]:
+    """Stage 1: `{"id", "prediction" (the rationale), "references" ([gold] or [])}` per problem."""
+    identity = {"stage": "rationale", "checkpoint": checkpoint, "max_new_tokens": max_new_tokens}
+
+    def record(problem: Problem, text: str) -> dict:
+        gold = gold_rationale(problem)
+        return {"id": problem.pid, "prediction": text, "references": [gold] if gold else []}
+
+    return _run(
+        backend,
+        problems,
+        PredictionCache(out, identity),
+        lambda p: prompt_parts(p, "rationale"),
+        record,
+        max_new_tokens,
+        batch_size,
+    )
+
+
+def answer_problems(
+    backend,
+    problems: Sequence[Problem],
+    out: Path,
+    checkpoint: str,
+    rationales: Path | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+) -> list[dict]:
+    """Stage 2 with the rationales of `rationales` (stage-1 records, joined by problem id), or the
+    one-stage baseline without. Records carry the generated text, the option it names (`choice`,
+    -1 when it names none), the right `answer`, and the metadata the breakdown groups by."""
+    by_pid: dict[str, str] = {}
+    identity = {"stage": "direct", "checkpoint": checkpoint, "max_new_tokens": max_new_tokens}
+    if rationales is not None:
+        texts = rationales_for(list(problems), read_rationales(rationales), str(rationales))
+        by_pid = {p.pid: text for p, text in zip(problems, texts)}
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        identity.update(stage="answer", rationales=str(rationales), rationales_sha256=digest)
+
+    def prompt(problem: Problem) -> list:
+        if rationales is None:
+            return prompt_parts(problem, "direct")
+        return prompt_parts(problem, "answer", by_pid[problem.pid])
+
+    def record(problem: Problem, text: str) -> dict:
+        choice = parse_answer(text, len(problem.choices))
+        out = {
+            "id": problem.pid,
+            "prediction": text,
+            "choice": -1 if choice is None else choice,
+            "answer": problem.answer,
+            "choices": problem.choices,
+            "meta": problem.meta,
+        }
+        if rationales is not None:
+            out["rationale"] = by_pid[problem.pid]
+        return out
+
+    return _run(backend, problems, PredictionCache(out, identity), prompt, record, max_new_tokens, batch_size)
+
+
+def score_answers(records: Sequence[dict], seed: int = 0) -> dict:
+    """Accuracy (percent) overall with a bootstrap interval, by subject, context modality and grade,
+    and how many answers named no option (counted wrong)."""
+    [result], _ = compute_metrics(
+        ["scienceqa_accuracy"],
+        [{"prediction": r["choice"], "answer": r["answer"], "choices": r["choices"], "meta": r["meta"]} for r in records],
+    )
+    return {
+        "accuracy": result.value,
+        "ci95": list(bootstrap_ci(result.per_sample, 0.95, 1000, seed)),
+        "breakdown": result.breakdown,
+        "problems": len(records),
+        "unparseable": sum(r["choice"] == -1 for r in records),
+    }
+
+
+def score_rationales(problems: Sequence[Problem], rationales: Sequence[str], seed: int = 0) -> dict:
+    """ROUGE-L (percent) of each problem's rationale against its lecture and solution; problems with
+    neither are left out and counted."""
+    scored = [
+        {"prediction": text, "references": [gold_rationale(p)]}
+        for p, text in zip(problems, rationales, strict=True)
+        if gold_rationale(p)
+    ]
+    out = {"problems": len(scored), "without_reference": len(problems) - len(scored), "rouge_l": None}
+    if scored:
+        [result], _ = compute_metrics(["rouge_l"], scored)
+        out.update(rouge_l=result.value, ci95=list(bootstrap_ci(result.per_sample, 0.95, 1000, seed)))
+    return out
+
+
+def write_results(out: Path, results: dict) -> str:
+    """`results.json` and a short Markdown report (returned) in `out`."""
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [f"# ScienceQA multimodal chain-of-thought: {results['stage']}", ""]
+    lines += [f"Checkpoint: `{results['checkpoint']}`, split {results['split']}", ""]
+    if "answers" in results:
+        answers = results["answers"]
+        lines += [
+            f"Accuracy {answers['accuracy']:.2f} (95% CI {answers['ci95'][0]:.2f}-{answers['ci95'][1]:.2f}) "
+            f"on {answers['problems']} problems; {answers['unparseable']} answers named no option (wrong).",
+            "",
+            "| " + " | ".join(answers["breakdown"]) + " |",
+            "|" + " ---: |" * len(answers["breakdown"]),
+            "| " + " | ".join(f"{v:.2f}" for v in answers["breakdown"].values()) + " |",
+            "",
+        ]
+    if "rationales" in results and results["rationales"]["rouge_l"] is not None:
+        rationales = results["rationales"]
+        lines.append(
+            f"Rationale ROUGE-L {rationales['rouge_l']:.2f} (95% CI {rationales['ci95'][0]:.2f}-"
+            f"{rationales['ci95'][1]:.2f}) on {rationales['problems']} problems."
+        )
+    report = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(report)
+    return report

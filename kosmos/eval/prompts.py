@@ -1,0 +1,61 @@
+"""Prompts as interleaved parts: text strings and images, in reading order.
+
+A template such as `{image}Question: {question} Answer:` becomes `[<image>, "Question: ... Answer:"]`.
+Few-shot prompts are the demonstrations (each through the task's demo template, with its answer)
+followed by the query. Text around an image is stripped: the tokenizer starts every text part as a
+new word anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from kosmos.config import ConfigError
+from kosmos.eval.datasets import ImageRef, Sample
+from kosmos.eval.tasks import FIELD, TaskConfig
+
+Part = str | ImageRef
+Prompt = list[Part]
+
+
+def fill(template: str, sample: Sample, extra: Mapping[str, str | list[ImageRef]] | None = None) -> Prompt:
+    """The template's text and images for one sample; `extra` adds or replaces fields (text or images)."""
+    extra = extra or {}
+    parts: Prompt = []
+    text = ""
+
+    def flush() -> None:
+        nonlocal text
+        if text.strip():
+            parts.append(text.strip())
+        text = ""
+
+    position = 0
+    for match in FIELD.finditer(template):
+        text += template[position : match.start()]
+        name = match.group(1)
+        value = extra[name] if name in extra else sample.images.get(name, sample.text.get(name))
+        if value is None:
+            raise ConfigError(f"template field {{{name}}} is not known for sample {sample.id}")
+        if isinstance(value, str):
+            text += value
+        else:
+            flush()
+            parts.extend(value)
+        position = match.end()
+    text += template[position:]
+    flush()
+    return parts
+
+
+def few_shot_prompt(
+    task: TaskConfig,
+    query: Sample,
+    demos: Sequence[Sample],
+    extra: Mapping[str, str | list[ImageRef]] | None = None,
+) -> Prompt:
+    parts: Prompt = []
+    for demo in demos:
+        parts.extend(fill(task.prompt.demo_template(), demo, {"answer": demo.target}))
+    parts.extend(fill(task.prompt.query, query, extra))
+    return parts
