@@ -1,9 +1,11 @@
-"""`kosmos model summary`: parameter counts of a model config without allocating its weights."""
+"""`kosmos model summary` (parameter counts of a config) and `kosmos generate` (text from a checkpoint)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,6 +15,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     summary.add_argument("--config", required=True, help="model YAML, e.g. configs/model/kosmos1.yaml")
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     summary.set_defaults(handler=_summary)
+
+    gen = subparsers.add_parser(
+        "generate",
+        help="continue a prompt of images and text; prints the generated text alone on stdout",
+        description="Images and prompt texts are laid out in the order given on the command line, so "
+        "`--image a.jpg --prompt 'An image of'` captions, and `--image a.jpg --prompt 'A cat.' --image "
+        "b.jpg --prompt 'A'` is a one-shot prompt.",
+    )
+    gen.add_argument(
+        "--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint folder"
+    )
+    gen.add_argument(
+        "--image", action=_PromptPart, dest="parts", metavar="IMG", help="an image file (repeatable)"
+    )
+    gen.add_argument(
+        "--prompt", action=_PromptPart, dest="parts", metavar="TEXT", help="prompt text (repeatable)"
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=20)
+    decoding = gen.add_mutually_exclusive_group()
+    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    decoding.add_argument("--beams", type=int, metavar="K", help="beam search with K beams")
+    gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    gen.set_defaults(handler=_generate, parts=[])
+
+
+class _PromptPart(argparse.Action):
+    """Collects --image and --prompt values into one list that keeps their command-line order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        kind = "image" if option_string == "--image" else "text"
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), (kind, value)])
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -24,4 +57,62 @@ def _summary(args: argparse.Namespace) -> int:
     else:
         for name, value in counts.items():
             print(f"{name:>17}: {value:>15,}  ({value / 1e9:.3f}B)")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"kosmos generate: {message}", file=sys.stderr)
+    return 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from kosmos.data import image_transform
+    from kosmos.data.decode import decode_image
+    from kosmos.data.shards import SkipSample
+    from kosmos.model import generate
+    from kosmos.train.checkpoint import load_model_from_checkpoint
+
+    if not any(kind == "text" for kind, _ in args.parts):
+        return _fail("give a --prompt")
+    if args.max_new_tokens < 1 or (args.beams is not None and args.beams < 1):
+        return _fail("--max-new-tokens and --beams must be at least 1")
+    parts = []
+    for kind, value in args.parts:
+        if kind == "text":
+            parts.append(value)
+            continue
+        try:
+            parts.append(decode_image(Path(value).read_bytes()))
+        except OSError as error:
+            return _fail(f"cannot read image {value}: {error.strerror or error}")
+        except SkipSample as error:
+            return _fail(f"cannot use image {value}: {error}")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        # stdout is for the generated text: DeepSpeed, imported here for the first time, binds its
+        # log handler to whatever stdout is at that moment.
+        with contextlib.redirect_stdout(sys.stderr):
+            model, tokenizer, model_cfg = load_model_from_checkpoint(args.checkpoint, device)
+    except Exception as error:  # noqa: BLE001 - missing folders and damaged shards fail in many ways
+        return _fail(f"cannot load checkpoint {args.checkpoint}: {type(error).__name__}: {error}")
+
+    transform = image_transform(model_cfg.vision.image_size)
+    pictures = [transform(p) for p in parts if not isinstance(p, str)]
+    images = torch.stack(pictures) if pictures else None
+    prompt = tokenizer.encode_interleaved(parts, model_cfg.connector.num_queries, eos=False)
+    strategy = "beam" if args.beams else "greedy"
+    new_ids = generate(
+        model,
+        [prompt],
+        images,
+        max_new_tokens=args.max_new_tokens,
+        strategy=strategy,
+        num_beams=args.beams or 1,
+    )[0]
+    print(tokenizer.decode(new_ids))
     return 0
