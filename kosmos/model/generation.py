@@ -60,12 +60,13 @@ def _check_images(sequences: Sequence[Encoded], images: torch.Tensor | None) -> 
 class _Decoder:
     """Runs the model one step at a time, with a KV cache or by re-reading the whole sequence."""
 
-    def __init__(self, model: KosmosModel, batch: dict, images, use_cache: bool):
+    def __init__(self, model: KosmosModel, batch: dict, images, use_cache: bool, max_new_tokens: int):
         self.model = model
         self.use_cache = use_cache
         self.batch = batch
         self.images = images
-        self.cache = KVCache(len(model.layers)) if use_cache else None
+        capacity = batch["input_ids"].shape[1] + max_new_tokens
+        self.cache = KVCache(len(model.layers), capacity) if use_cache else None
         self.next_position = batch["position_ids"][:, -1] + 1
 
     def first(self) -> torch.Tensor:
@@ -107,7 +108,7 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: KosmosModel,
     prompts: Sequence[Encoded],
@@ -138,26 +139,25 @@ def generate(
         if strategy == "sample":
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if seed is None else seed)
-        decoder = _Decoder(model, pad_batch(prompts, "left", device), images, use_cache)
+        decoder = _Decoder(model, pad_batch(prompts, "left", device), images, use_cache, max_new_tokens)
         logits = decoder.first()
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        outputs: list[list[int]] = [[] for _ in prompts]
+        # Tokens stay on the device until the end: one host sync per step (the stopping test).
+        steps = []
         for step in range(max_new_tokens):
             if strategy == "sample":
                 probs = _filter_logits(logits, temperature, top_k, top_p).softmax(-1)
                 tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 tokens = logits.argmax(-1)
-            active = (~finished).tolist()
             tokens = tokens.masked_fill(finished, PAD)
+            steps.append(tokens)
             finished |= tokens == eos_id
-            for row, token in enumerate(tokens.tolist()):
-                if active[row] and token != eos_id:
-                    outputs[row].append(token)
-            if finished.all() or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or finished.all():
                 break
             logits = decoder.step(tokens)
-        return outputs
+        rows = torch.stack(steps, 1).tolist()
+        return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
     finally:
         model.train(was_training)
 
@@ -165,7 +165,8 @@ def generate(
 def _beam_search(model, prompts, images, max_new_tokens, num_beams, length_penalty, eos_id, device, use_cache):
     k = num_beams
     rows = [p for p in prompts for _ in range(k)]
-    decoder = _Decoder(model, pad_batch(rows, "left", device), _images_for_rows(prompts, images, k), use_cache)
+    padded = pad_batch(rows, "left", device)
+    decoder = _Decoder(model, padded, _images_for_rows(prompts, images, k), use_cache, max_new_tokens)
     logits = decoder.first()
     batch = len(prompts)
     beam_scores = torch.full((batch, k), float("-inf"), device=device)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kosmos.model.config import ModelConfig, TextConfig
+from kosmos.model.loss import token_cross_entropy
 from kosmos.model.vision import VisionEncoder
 from kosmos.tokenizer import IGNORE_INDEX, PAD
 
@@ -27,22 +28,53 @@ except ImportError:
 
 
 class KVCache:
-    """Keys and values of every decoder layer, plus the segment id of each cached position."""
+    """Keys and values of every decoder layer, plus the segment id of each cached position.
 
-    def __init__(self, num_layers: int):
+    The buffers hold `capacity` positions and are allocated on first use: a decoding step writes its
+    keys in place instead of concatenating, so its cost does not grow with the tokens before it.
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity = capacity
+        self.length = 0
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.segments: torch.Tensor | None = None
+        self._segments: torch.Tensor | None = None
+        # Every cached position is in segment 1, the segment of a step given no segment ids: then a
+        # one-token step sees every cached key and needs no mask.
+        self.one_segment = True
 
-    @property
-    def length(self) -> int:
-        return 0 if self.segments is None else self.segments.shape[1]
+    def extend(self, segments: torch.Tensor, known_ones: bool) -> torch.Tensor:
+        """Add the segment ids of the positions a forward appends; returns those of every cached one.
+
+        Unless they are `known_ones`, finding out whether they are all 1 waits for the device: once
+        per prompt, as decoding steps pass none.
+        """
+        start, end = self.length, self.length + segments.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} positions; {end} were asked for")
+        if self._segments is None:
+            self._segments = segments.new_zeros(segments.shape[0], self.capacity)
+        self._segments[:, start:end] = segments
+        self.length = end
+        self.one_segment = self.one_segment and (known_ones or bool((segments == 1).all()))
+        return self._segments[:, :end]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's keys and values of the positions last added; returns those of all positions."""
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        start = self.length - k.shape[2]
+        self.keys[layer][:, :, start : self.length] = k
+        self.values[layer][:, :, start : self.length] = v
+        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep cache rows `rows` (in that order); beam search follows its surviving beams this way."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
-        self.segments = self.segments.index_select(0, rows)
+        self._segments = self._segments.index_select(0, rows)
 
 
 @dataclass
@@ -89,6 +121,28 @@ class XPos(nn.Module):
         return (x_float * cos + rotated * sin).to(x.dtype)
 
 
+def check_image_slots(image_mask: torch.Tensor | None, num_images: int, slots_per_image: int) -> None:
+    """The batch must hold exactly `slots_per_image` image slots for each of its images.
+
+    On the host the count is free and a mismatch raises ValueError. On a GPU, reading the count would
+    make the host wait for the device every step, so the check is a device-side assertion instead: a
+    mismatch stops the process at the next synchronisation.
+    """
+    wanted = num_images * slots_per_image
+    if image_mask is None:
+        if wanted:
+            raise ValueError(f"{num_images} images need {wanted} image slots, the batch has no image_mask")
+        return
+    if image_mask.device.type != "cpu":
+        torch._assert_async(image_mask.sum() == wanted, f"{num_images} images need {wanted} image slots")
+        return
+    slots = int(image_mask.sum())
+    if slots != wanted:
+        if not num_images:
+            raise ValueError("the batch has image slots but no images")
+        raise ValueError(f"{num_images} images need {wanted} image slots, the batch has {slots}")
+
+
 def segment_mask(q_segments: torch.Tensor, k_segments: torch.Tensor) -> torch.Tensor:
     """[B, 1, Tq, Tk] bool: query attends key iff same segment and key not in the future.
 
@@ -100,16 +154,20 @@ def segment_mask(q_segments: torch.Tensor, k_segments: torch.Tensor) -> torch.Te
     return (same & causal).unsqueeze(1)
 
 
-def flash_cu_seqlens(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative lengths of the runs of equal segment ids, rows laid end to end (flash-attn varlen)."""
+def flash_sequences(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """flash-attn varlen arguments for packed rows: the cumulative lengths of the runs of equal
+    segment ids, rows laid end to end, and a bound on their length.
+
+    The bound is the row length: flash-attn only sizes its grid with it, and the true maximum would
+    cost a host sync (and make a compiled block recompile whenever it changes).
+    """
     flat = segments.flatten()
     change = torch.ones_like(flat, dtype=torch.bool)
     change[1:] = flat[1:] != flat[:-1]
     change[:: segments.shape[1]] = True
-    starts = change.nonzero().flatten()
-    ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
-    cu = torch.cat([starts, ends[-1:]]).to(torch.int32)
-    return cu, int((ends - starts).max())
+    starts = change.nonzero().flatten()  # the one host sync of a packed forward
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, segments.shape[1]
 
 
 class Attention(nn.Module):
@@ -135,7 +193,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = False,
-        flash_segments: torch.Tensor | None = None,
+        flash: tuple[torch.Tensor, int] | None = None,
         xpos: XPos | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -149,13 +207,10 @@ class Attention(nn.Module):
             q = xpos(q, position_ids, is_key=False)
             k = xpos(k, position_ids, is_key=True)
         if cache is not None:
-            if cache.keys[layer] is not None:
-                k = torch.cat([cache.keys[layer], k], dim=2)
-                v = torch.cat([cache.values[layer], v], dim=2)
-            cache.keys[layer], cache.values[layer] = k, v
+            k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if flash_segments is not None:
-            out = self._flash(q, k, v, flash_segments, dropout)
+        if flash is not None:
+            out = self._flash(q, k, v, *flash, dropout)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None
@@ -166,13 +221,17 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
     @staticmethod
-    def _flash(q, k, v, segments, dropout):
+    def _flash(q, k, v, cu, max_len, dropout):
         # Packed documents become separate variable-length sequences: no mask is materialised.
         b, h, t, d = q.shape
-        cu, max_len = flash_cu_seqlens(segments)
         q, k, v = (y.transpose(1, 2).reshape(b * t, h, d) for y in (q, k, v))
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, causal=True)
         return out.reshape(b, t, h, d).transpose(1, 2)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout`, not even called where it does nothing: a decoding step passes 13 dropouts."""
+    return F.dropout(x, p, training) if training and p > 0 else x
 
 
 class FeedForward(nn.Module):
@@ -181,10 +240,11 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(cfg.width, cfg.ffn_width)
         self.ffn_layernorm = nn.LayerNorm(cfg.ffn_width, eps=cfg.layer_norm_eps)
         self.fc2 = nn.Linear(cfg.ffn_width, cfg.width)
-        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.activation_dropout = cfg.activation_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.ffn_layernorm(self.activation_dropout(F.gelu(self.fc1(x)))))
+        hidden = _dropout(F.gelu(self.fc1(x)), self.activation_dropout, self.training)
+        return self.fc2(self.ffn_layernorm(hidden))
 
 
 class DecoderLayer(nn.Module):
@@ -194,11 +254,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg.width, cfg.heads, cfg.attention_dropout, True, cfg.layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, **attention) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), **attention))
-        return x + self.dropout(self.ffn(self.final_layer_norm(x)))
+        attended = self.self_attn(self.self_attn_layer_norm(x), **attention)
+        x = x + _dropout(attended, self.dropout, self.training)
+        return x + _dropout(self.ffn(self.final_layer_norm(x)), self.dropout, self.training)
 
 
 class Connector(nn.Module):
@@ -223,7 +284,7 @@ class KosmosModel(nn.Module):
         text = cfg.text
         self.embed_tokens = nn.Embedding(text.vocab_size, text.width, padding_idx=PAD)
         self.embed_scale = math.sqrt(text.width)
-        self.dropout = nn.Dropout(text.dropout)
+        self.dropout = text.dropout
         self.layers = nn.ModuleList(DecoderLayer(text) for _ in range(text.layers))
         self.layer_norm = nn.LayerNorm(text.width, eps=text.layer_norm_eps)
         # Tied by sharing one Parameter between two modules, so ZeRO-3 gathers it in either forward.
@@ -236,7 +297,9 @@ class KosmosModel(nn.Module):
         )
         self.vision = VisionEncoder(cfg.vision)
         self.connector = Connector(cfg.vision.width, text, cfg.connector.num_queries)
-        self.gradient_checkpointing = False
+        # True: recompute every layer's activations in the backward pass; a number N: the first N
+        # layers only, for when memory needs some of them but not all.
+        self.gradient_checkpointing: bool | int = False
         self._init_text_weights()
 
     def _init_text_weights(self) -> None:
@@ -273,17 +336,11 @@ class KosmosModel(nn.Module):
         self, input_ids: torch.Tensor, image_mask: torch.Tensor | None, images: torch.Tensor | None
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if images is not None and images.shape[0] > 0:
+        num_images = 0 if images is None else images.shape[0]
+        check_image_slots(image_mask, num_images, self.cfg.connector.num_queries)
+        if num_images:
             image_embeds = self.connector(self.vision(images)).to(x.dtype)
-            slots = int(image_mask.sum()) if image_mask is not None else 0
-            if slots != image_embeds.shape[0] * image_embeds.shape[1]:
-                raise ValueError(
-                    f"{images.shape[0]} images need {image_embeds.shape[0] * image_embeds.shape[1]} "
-                    f"image slots, the batch has {slots}"
-                )
             x = x.masked_scatter(image_mask.unsqueeze(-1), image_embeds.reshape(-1, x.shape[-1]))
-        elif image_mask is not None and image_mask.any():
-            raise ValueError("the batch has image slots but no images")
         return x * self.embed_scale
 
     def forward(
@@ -303,22 +360,26 @@ class KosmosModel(nn.Module):
         x = self.embed(input_ids, image_mask, images)
         if self.xpos is None:
             x = x + sinusoidal_positions(position_ids, x.shape[-1], PAD + 1).to(x.dtype)
-        x = self.dropout(x)
+        x = _dropout(x, self.dropout, self.training)
 
+        # The attention pattern is worked out once per forward and shared by every layer.
         attention = {"xpos": self.xpos, "position_ids": position_ids, "cache": cache}
         if cache is not None:
             segments = segment_ids if segment_ids is not None else torch.ones_like(input_ids)
-            cache.segments = segments if cache.segments is None else torch.cat([cache.segments, segments], 1)
-            attention["mask"] = segment_mask(segments, cache.segments)
+            key_segments = cache.extend(segments, known_ones=segment_ids is None)
+            if not (length == 1 and cache.one_segment):  # else one query that sees every key
+                attention["mask"] = segment_mask(segments, key_segments)
         elif segment_ids is None:
             attention["causal"] = True
         elif self.attention_backend(x.device, x.dtype) == "flash":
-            attention["flash_segments"] = segment_ids
+            attention["flash"] = flash_sequences(segment_ids)
         else:
             attention["mask"] = segment_mask(segment_ids, segment_ids)
 
+        checkpointing = self.gradient_checkpointing
+        checkpointed = len(self.layers) if checkpointing is True else int(checkpointing)
         for index, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training:
+            if index < checkpointed and self.training:
                 x = checkpoint(layer, x, use_reentrant=False, layer=index, **attention)
             else:
                 x = layer(x, layer=index, **attention)
@@ -326,10 +387,17 @@ class KosmosModel(nn.Module):
 
         output = KosmosOutput(logits=logits, cache=cache)
         if labels is not None:
-            token_loss = F.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-            ).view(batch, length)
+            token_loss = token_cross_entropy(logits.flatten(0, 1), labels.flatten()).view(batch, length)
             count = (labels != IGNORE_INDEX).sum()
             output.token_loss = token_loss
             output.loss = token_loss.sum() / count.clamp(min=1)
         return output
+
+    def compile_layers(self) -> None:
+        """`torch.compile` each decoder layer in place (parameter names do not change).
+
+        For training: every layer has the same code and shapes, so one compiled graph serves all.
+        Decoding with a KV cache changes shapes every step and stays eager.
+        """
+        for layer in self.layers:
+            layer.compile()
