@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from kosmos.config import ConfigError
+from kosmos.data.scienceqa import LETTERS
 from kosmos.data.shards import CorpusWriter
 from kosmos.tokenizer import Tokenizer
 
@@ -286,16 +287,12 @@ def write_eval_sets(
 SCIENCEQA_PROBLEMS = {"train": 600, "val": 50, "test": 100}  # train on training digits, val/test held out
 SCIENCEQA_DIGITS = {"train": "train", "val": "demo", "test": "test"}
 LECTURES = {
-    "read": "Handwritten digits are the ten symbols from 0 to 9 written by hand. To read one, look at its "
-    "shape: a 0 is a closed loop, a 1 is a single stroke, and an 8 is two loops on top of each other.",
-    "parity": "A whole number is even if it can be split into two equal groups, and odd if it cannot. "
-    "The even digits are 0, 2, 4, 6 and 8. The odd digits are 1, 3, 5, 7 and 9.",
-    "word": "Every digit has a name: zero, one, two, three, four, five, six, seven, eight and nine.",
-    "add": "To add two numbers, start from the first number and count on by the second number.",
-    "place": "In a two-digit number, the left digit is in the tens place and the right digit is in the "
-    "ones place. The number 52 is 5 tens and 2 ones.",
-    "compare": "To compare two numbers, look at their sizes. The larger number is the one that comes "
-    "later when you count.",
+    "read": "Each digit has its own shape: a 0 is a closed loop and a 1 is a single stroke.",
+    "parity": "The even digits are 0, 2, 4, 6 and 8; the odd digits are 1, 3, 5, 7 and 9.",
+    "word": "Each digit has a name, from zero to nine.",
+    "add": "To add two numbers, count on from the first by the second.",
+    "place": "In a two-digit number, the left digit is the tens and the right digit the ones.",
+    "compare": "The larger of two numbers comes later when you count.",
 }
 
 
@@ -308,43 +305,47 @@ def _choices(rng: random.Random, right: str, wrong: list[str], count: int) -> tu
 
 def digit_problem(rng: random.Random, kind: str, digit: int | None) -> dict:
     """One problem of `kind` (about the shown `digit` where the kind has an image) in the fields of
-    ScienceQA's problems.json, less the split and the image."""
+    ScienceQA's problems.json, less the split and the image.
+
+    The worked solution ends by naming the right option and its letter ("So 7 is right: the answer is
+    (C)."), so that even the tiny model learns within minutes to take its answer from a rationale
+    (ScienceQA's own solutions name no letters).
+    """
     word = NUMBER_WORDS[digit] if digit is not None else None
     numbers = [str(n) for n in range(10)]
     hint = ""
     if kind == "read":
         subject, question = "natural science", "Which digit is shown in the image?"
         choices, answer = _choices(rng, str(digit), numbers, 3)
-        solution = f"The image shows a handwritten {word}. So the digit is {digit}."
+        steps = f"The image shows a handwritten {word}."
     elif kind == "parity":
         subject, question = "natural science", "Is the digit in the image even or odd?"
         parity = "even" if digit % 2 == 0 else "odd"
         choices, answer = _choices(rng, parity, ["even", "odd"], 2)
-        solution = f"The image shows the digit {digit}. {digit} is {parity}. So the digit is {parity}."
+        steps = f"The image shows the digit {digit}, and {digit} is {parity}."
     elif kind == "word":
         subject, question = "language science", "Which word names the digit in the image?"
         hint = "The picture shows one handwritten digit."
         choices, answer = _choices(rng, word, list(NUMBER_WORDS), 3)
-        solution = f"The image shows the digit {digit}. The word for {digit} is {word}. So the word is {word}."
+        steps = f"The image shows the digit {digit}, and the word for {digit} is {word}."
     elif kind == "add":
         subject, question = "natural science", "What is the sum?"
         k = rng.randint(1, 5)
         hint = f"Add {k} to the digit in the picture."
         choices, answer = _choices(rng, str(digit + k), [str(n) for n in range(1, 15)], 3)
-        solution = f"The image shows the digit {digit}. {digit} plus {k} is {digit + k}. So the sum is {digit + k}."
+        steps = f"The image shows the digit {digit}, and {digit} plus {k} is {digit + k}."
     elif kind == "place":
         subject, question = "social science", "Which digit is in the tens place of the price?"
         tens, ones = rng.randint(1, 9), rng.randint(0, 9)
         hint = f"A price tag in a shop window reads {tens}{ones} dollars."
         choices, answer = _choices(rng, str(tens), numbers, 3)
-        solution = f"The price {tens}{ones} is {tens} tens and {ones} ones. So the tens digit is {tens}."
+        steps = f"The price {tens}{ones} is {tens} tens and {ones} ones."
     else:
         subject = "social science"
         mia, leo = rng.sample(range(1, 20), 2)
         question = f"Mia has {mia} coins and Leo has {leo} coins. Who has more coins?"
-        winner = "Mia" if mia > leo else "Leo"
-        choices, answer = _choices(rng, winner, ["Mia", "Leo"], 2)
-        solution = f"{max(mia, leo)} is larger than {min(mia, leo)}. So {winner} has more coins."
+        choices, answer = _choices(rng, "Mia" if mia > leo else "Leo", ["Mia", "Leo"], 2)
+        steps = f"{max(mia, leo)} is larger than {min(mia, leo)}."
     return {
         "question": question,
         "choices": choices,
@@ -357,7 +358,7 @@ def digit_problem(rng: random.Random, kind: str, digit: int | None) -> dict:
         "category": kind,
         "skill": kind,
         "lecture": LECTURES[kind],
-        "solution": solution,
+        "solution": f"{steps} So {choices[answer]} is right: the answer is ({LETTERS[answer]}).",
     }
 
 
