@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kosmos", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for area in AREAS:
-        try:
-            module = importlib.import_module(area)
-        except ModuleNotFoundError as error:
-            if error.name == area:
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(area).register(subparsers)
     return parser
 
 
