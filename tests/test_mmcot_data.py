@@ -158,7 +158,9 @@ def test_prompts_of_each_stage(scienceqa):
     assert prompt_parts(by_pid["14"], "rationale") == [
         "Question: Which city is a capital? Context: N/A Options: (A) Paris (B) Lyon Solution:"
     ]
-    assert prompt_parts(by_pid["12"], "rationale")[1].startswith("Question: What colour is the square? Context: N/A")
+    assert prompt_parts(by_pid["12"], "rationale")[1].startswith(
+        "Question: What colour is the square? Context: N/A"
+    )
     assert gold_rationale(by_pid["12"]) == "The square is red." and gold_rationale(by_pid["14"]) == ""
     with pytest.raises(ValueError, match="needs a rationale"):
         prompt_parts(by_pid["11"], "answer")

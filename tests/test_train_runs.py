@@ -72,22 +72,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(recipe: Path, run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    return [
-        *launcher,
-        "-m",
-        "kosmos",
-        "train",
-        "--config",
-        str(recipe),
-        "--run-dir",
-        str(run_dir),
-        *SMALL,
-        *overrides,
-    ]
+def train_command(
+    recipe: Path, run_dir: Path, *overrides: str, ranks: int = 1, launcher: str = "torchrun"
+) -> list[str]:
+    command = [sys.executable]
+    if ranks > 1 and launcher == "torchrun":
+        command += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    elif ranks > 1:  # the deepspeed launcher
+        command += ["-m", "deepspeed.launcher.runner", f"--num_gpus={ranks}", f"--master_port={free_port()}"]
+        command += ["--no_local_rank", "--module"]
+    else:
+        command += ["-m"]
+    command += ["kosmos", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+    return [*command, *SMALL, *overrides]
 
 
 def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -118,13 +115,14 @@ def test_two_ranks_resume_exactly(recipe, tmp_path, stage):
         checkpoint_tag(20),
     ]
 
-    # A run that stopped after its step-10 checkpoint: nothing of steps 11-20 exists yet.
+    # A run that stopped after its step-10 checkpoint (nothing of steps 11-20 exists yet), resumed
+    # under the deepspeed launcher this time.
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(
         straight / "checkpoints" / checkpoint_tag(10), resumed / "checkpoints" / checkpoint_tag(10)
     )
     (resumed / "checkpoints" / "latest").write_text(checkpoint_tag(10))
-    result = run(train_command(recipe, resumed, zero, ranks=2))
+    result = run(train_command(recipe, resumed, zero, ranks=2, launcher="deepspeed"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout + result.stderr
 
@@ -264,6 +262,7 @@ def test_nonfinite_steps_are_skipped_and_a_run_of_them_stops(recipe, tmp_path):
         "train.max_nonfinite_steps=3",
         "checkpoint.interval=2",
         "checkpoint.keep=10",
+        "deepspeed.zero_stage=1",
     ]
     result = run([sys.executable, "-c", POISON_STEPS, *args])
     assert result.returncode == 1
@@ -279,6 +278,7 @@ def test_nonfinite_steps_are_skipped_and_a_run_of_them_stops(recipe, tmp_path):
     assert not all(torch.equal(w4[k], w6[k]) for k in w4)
     assert all(torch.equal(w6[k], w8[k]) for k in w6)
     assert all(torch.isfinite(t).all() for t in w8.values() if t.is_floating_point())
+    load_model_from_checkpoint(run_dir)  # ZeRO-1 keeps frozen weights outside the optimizer shards
 
 
 def process_tree(pid: int) -> list[int]:

@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image
 
 from kosmos.config import ConfigError
-from kosmos.data.scienceqa import LETTERS
 from kosmos.data.shards import CorpusWriter
 from kosmos.tokenizer import Tokenizer
 
@@ -286,11 +285,15 @@ def write_eval_sets(
 
 SCIENCEQA_PROBLEMS = {"train": 600, "val": 50, "test": 100}  # train on training digits, val/test held out
 SCIENCEQA_DIGITS = {"train": "train", "val": "demo", "test": "test"}
+# In turn, so every split holds every kind; reading the digit comes twice as often.
+SCIENCEQA_KINDS = ("read", "read", "parity", "word", "add", "place", "compare")
+IMAGE_KINDS = ("read", "parity", "word", "add")
+ORDINALS = ("first", "second", "third")
 LECTURES = {
     "read": "Each digit has its own shape: a 0 is a closed loop and a 1 is a single stroke.",
     "parity": "The even digits are 0, 2, 4, 6 and 8; the odd digits are 1, 3, 5, 7 and 9.",
     "word": "Each digit has a name, from zero to nine.",
-    "add": "To add two numbers, count on from the first by the second.",
+    "add": "To add two numbers, start at one of them and count on by the other.",
     "place": "In a two-digit number, the left digit is the tens and the right digit the ones.",
     "compare": "The larger of two numbers comes later when you count.",
 }
@@ -307,9 +310,8 @@ def digit_problem(rng: random.Random, kind: str, digit: int | None) -> dict:
     """One problem of `kind` (about the shown `digit` where the kind has an image) in the fields of
     ScienceQA's problems.json, less the split and the image.
 
-    The worked solution ends by naming the right option and its letter ("So 7 is right: the answer is
-    (C)."), so that even the tiny model learns within minutes to take its answer from a rationale
-    (ScienceQA's own solutions name no letters).
+    The worked solution ends by naming the right option and its place ("So 7 is right: it is the third
+    option."), so that even the tiny model learns within minutes to take its answer from a rationale.
     """
     word = NUMBER_WORDS[digit] if digit is not None else None
     numbers = [str(n) for n in range(10)]
@@ -358,7 +360,7 @@ def digit_problem(rng: random.Random, kind: str, digit: int | None) -> dict:
         "category": kind,
         "skill": kind,
         "lecture": LECTURES[kind],
-        "solution": f"{steps} So {choices[answer]} is right: the answer is ({LETTERS[answer]}).",
+        "solution": f"{steps} So {choices[answer]} is right: it is the {ORDINALS[answer]} option.",
     }
 
 
@@ -371,15 +373,15 @@ def write_scienceqa_digits(
     from a text context, comparisons with none) have no image, as ScienceQA mixes both.
     """
     rng = random.Random(77)  # its own generator: the corpora above stay as they were
-    kinds = ("read", "read", "parity", "word", "add", "place", "compare")
+    folder.mkdir(parents=True)
     problems, pid_splits = {}, {}
     for split_name, count in SCIENCEQA_PROBLEMS.items():
         pool = split[SCIENCEQA_DIGITS[split_name]]
         pid_splits[split_name] = []
         for _ in range(count):
             pid = str(len(problems) + 1)
-            kind = kinds[len(problems) % len(kinds)]
-            index = rng.choice(pool) if kind in ("read", "parity", "word", "add") else None
+            kind = SCIENCEQA_KINDS[len(problems) % len(SCIENCEQA_KINDS)]
+            index = rng.choice(pool) if kind in IMAGE_KINDS else None
             problem = digit_problem(rng, kind, None if index is None else labels[index])
             problem.update(image="image.png" if index is not None else None, split=split_name)
             if index is not None:

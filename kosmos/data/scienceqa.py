@@ -20,14 +20,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from kosmos.config import ConfigError
 from kosmos.data.build import image_member
 from kosmos.data.shards import CorpusIndex, CorpusWriter, SkipSample
 
 Stage = Literal["rationale", "answer", "direct"]
-STAGES: tuple[str, ...] = ("rationale", "answer", "direct")
+STAGES = get_args(Stage)
 PROBLEMS_FILE = "problems.json"
 PID_SPLITS_FILE = "pid_splits.json"
 IMAGES_DIR = "images"
@@ -61,14 +61,20 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _problem(pid: str, raw: Any, images: Path, where: str) -> Problem:
-    def field(name: str, kind: type, default: Any = None) -> Any:
-        value = raw.get(name, default)
-        if not isinstance(value, kind):
-            raise ConfigError(f"{where}: problem {pid} field {name!r} should be {kind.__name__}, got {value!r}")
-        return value
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: problem {pid} is not a JSON object")
+
+    def field(name: str, kind: type, optional: bool = False) -> Any:
+        """A field of type `kind`; an optional text field may be missing or null (read as "")."""
+        value = raw.get(name)
+        if value is None and optional:
+            return ""
+        if not isinstance(value, kind):
+            raise ConfigError(
+                f"{where}: problem {pid} field {name!r} should be {kind.__name__}, got {value!r}"
+            )
+        return value
+
     choices = field("choices", list)
     if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         raise ConfigError(f"{where}: problem {pid} needs at least two text choices, got {choices!r}")
@@ -76,12 +82,10 @@ def _problem(pid: str, raw: Any, images: Path, where: str) -> Problem:
         raise ConfigError(f"{where}: problem {pid} has more choices than letters ({len(choices)})")
     answer = field("answer", int)
     if not 0 <= answer < len(choices):
-        raise ConfigError(f"{where}: problem {pid} answer {answer} is not an index of its {len(choices)} choices")
-    split = field("split", str)
-    image_name = raw.get("image")
-    if image_name is not None and not isinstance(image_name, str):
-        raise ConfigError(f"{where}: problem {pid} field 'image' should be a file name or null")
-    hint = field("hint", str, "") if raw.get("hint") is not None else ""
+        raise ConfigError(
+            f"{where}: problem {pid} answer {answer} is not an index of its {len(choices)} choices"
+        )
+    split, image_name, hint = field("split", str), field("image", str, True), field("hint", str, True)
     return Problem(
         pid=pid,
         question=field("question", str),
@@ -89,14 +93,14 @@ def _problem(pid: str, raw: Any, images: Path, where: str) -> Problem:
         answer=answer,
         hint=hint,
         image=images / split / pid / image_name if image_name else None,
-        lecture=field("lecture", str, "") if raw.get("lecture") is not None else "",
-        solution=field("solution", str, "") if raw.get("solution") is not None else "",
+        lecture=field("lecture", str, True),
+        solution=field("solution", str, True),
         split=split,
         meta={
             "subject": raw.get("subject"),
             "grade": raw.get("grade"),
             "hint": hint,
-            "image": image_name,
+            "image": image_name or None,
             "topic": raw.get("topic"),
             "category": raw.get("category"),
         },
@@ -115,7 +119,11 @@ def load_problems(
     if not isinstance(problems, dict):
         raise ConfigError(f"problems: {problems_file} should map problem ids to problems")
     if pid_splits_file is None:
-        pids = [pid for pid, p in problems.items() if not splits or (isinstance(p, dict) and p.get("split") in splits)]
+        pids = [
+            pid
+            for pid, p in problems.items()
+            if not splits or (isinstance(p, dict) and p.get("split") in splits)
+        ]
     else:
         listed = _read_json(pid_splits_file, "pid_splits")
         if not isinstance(listed, dict):
@@ -215,7 +223,11 @@ def read_rationales(path: Path) -> dict[str, str]:
             record = json.loads(line)
         except ValueError as error:
             raise ConfigError(f"--rationales: {path} line {n} is not JSON ({error})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prediction"), str) or "id" not in record:
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("prediction"), str)
+            or "id" not in record
+        ):
             raise ConfigError(f"--rationales: {path} line {n} needs `id` and a text `prediction`")
         rationales[str(record["id"])] = record["prediction"]
     return rationales

@@ -129,7 +129,10 @@ def _register_mmcot(subparsers: argparse._SubParsersAction) -> None:
             "--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint folder"
         )
         command.add_argument(
-            "--data", required=True, type=Path, help="ScienceQA folder: problems.json, pid_splits.json, images/"
+            "--data",
+            required=True,
+            type=Path,
+            help="ScienceQA folder: problems.json, pid_splits.json, images/",
         )
         command.add_argument("--split", default="test", help="a split of pid_splits.json (default: test)")
         command.add_argument(

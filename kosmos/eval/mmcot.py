@@ -105,7 +105,7 @@ def answer_problems(
     if rationales is not None:
         texts = rationales_for(list(problems), read_rationales(rationales), str(rationales))
         by_pid = {p.pid: text for p, text in zip(problems, texts)}
-        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        digest = hashlib.sha256(rationales.read_bytes()).hexdigest()
         identity.update(stage="answer", rationales=str(rationales), rationales_sha256=digest)
 
     def prompt(problem: Problem) -> list:
@@ -135,7 +135,10 @@ def score_answers(records: Sequence[dict], seed: int = 0) -> dict:
     and how many answers named no option (counted wrong)."""
     [result], _ = compute_metrics(
         ["scienceqa_accuracy"],
-        [{"prediction": r["choice"], "answer": r["answer"], "choices": r["choices"], "meta": r["meta"]} for r in records],
+        [
+            {"prediction": r["choice"], "answer": r["answer"], "choices": r["choices"], "meta": r["meta"]}
+            for r in records
+        ],
     )
     return {
         "accuracy": result.value,
@@ -168,9 +171,13 @@ def write_results(out: Path, results: dict) -> str:
     lines += [f"Checkpoint: `{results['checkpoint']}`, split {results['split']}", ""]
     if "answers" in results:
         answers = results["answers"]
+        low, high = answers["ci95"]
+        headline = (
+            f"Accuracy {answers['accuracy']:.2f} (95% CI {low:.2f}-{high:.2f}) on {answers['problems']} "
+            f"problems; {answers['unparseable']} answers named no option (counted wrong)."
+        )
         lines += [
-            f"Accuracy {answers['accuracy']:.2f} (95% CI {answers['ci95'][0]:.2f}-{answers['ci95'][1]:.2f}) "
-            f"on {answers['problems']} problems; {answers['unparseable']} answers named no option (wrong).",
+            headline,
             "",
             "| " + " | ".join(answers["breakdown"]) + " |",
             "|" + " ---: |" * len(answers["breakdown"]),
