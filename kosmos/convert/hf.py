@@ -169,12 +169,6 @@ def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "
         model, tokenizer, model_cfg = load_model_from_checkpoint(folder)
     except (CheckpointError, TokenizerError) as error:
         raise ConversionError(str(error)) from None
-    except ConversionError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a damaged shard can fail in torch.load, pickle, DeepSpeed...
-        raise ConversionError(
-            f"checkpoint {checkpoint} could not be read: {type(error).__name__}: {error}"
-        ) from None
     return export_to_hf(model.state_dict(), model_cfg, tokenizer, out_dir, dtype, **kwargs)
 
 

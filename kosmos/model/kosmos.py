@@ -268,7 +268,9 @@ class Connector(nn.Module):
     def __init__(self, vision_width: int, cfg: TextConfig, num_queries: int):
         super().__init__()
         self.dense = nn.Linear(vision_width, cfg.width)
-        self.latent_query = nn.Parameter(torch.randn(num_queries, cfg.width))
+        # At the scale of the token embeddings (before the sqrt(width) scaling) and of the projected
+        # image tokens: unit-variance queries would outweigh the image in the pooled result.
+        self.latent_query = nn.Parameter(torch.randn(num_queries, cfg.width) * cfg.width**-0.5)
         self.x_attn = Attention(cfg.width, cfg.heads, cfg.attention_dropout, inner_norm=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

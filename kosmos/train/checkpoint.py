@@ -155,15 +155,20 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of one checkpoint, whatever its ZeRO stage and number of ranks."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # DeepSpeed reports its progress on stdout, which commands like `kosmos generate` keep for results.
-    with contextlib.redirect_stdout(sys.stderr):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    # ZeRO-1 leaves frozen weights out of the optimizer shards; they are whole in the module states.
-    module_file = checkpoint / "mp_rank_00_model_states.pt"
-    if module_file.is_file():
-        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
-        for name, tensor in module.items():
-            state.setdefault(name, tensor.float() if tensor.is_floating_point() else tensor)
+    try:
+        # DeepSpeed reports its progress on stdout, which commands like `kosmos generate` keep for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        # ZeRO-1 leaves frozen weights out of the optimizer shards; they are whole in the module states.
+        module_file = checkpoint / "mp_rank_00_model_states.pt"
+        if module_file.is_file():
+            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            for name, tensor in module.items():
+                state.setdefault(name, tensor.float() if tensor.is_floating_point() else tensor)
+    except Exception as error:  # noqa: BLE001 - a damaged shard can fail in torch.load, pickle, DeepSpeed...
+        raise CheckpointError(
+            f"checkpoint {checkpoint} could not be read: {type(error).__name__}: {error}"
+        ) from None
     return state
 
 
