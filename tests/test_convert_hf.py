@@ -113,11 +113,11 @@ def _prompts(tokenizer, q):
 
 
 def _hf_inputs(batch):
-    return dict(
-        input_ids=batch["input_ids"],
-        attention_mask=(batch["segment_ids"] > 0).long(),
-        image_embeds_position_mask=batch["image_mask"].long(),
-    )
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": (batch["segment_ids"] > 0).long(),
+        "image_embeds_position_mask": batch["image_mask"].long(),
+    }
 
 
 def test_exported_model_loads_cleanly(exported, runs):
@@ -288,15 +288,15 @@ def test_refuses_to_write_over_a_folder(runs, exported, tmp_path, capsys):
 
 
 def test_clip_vision_tower_from_transformers(tmp_path):
-    vision = dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        hidden_act="quick_gelu",
-    )
+    vision = {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_act": "quick_gelu",
+    }
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
     with torch.no_grad():
         for p in clip.parameters():

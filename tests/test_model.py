@@ -60,7 +60,7 @@ def test_cached_and_batched_generation_match(tokenizer, tiny_config, strategy):
         tokenizer.encode_interleaved(["A prompt with no picture at all, and longer than the others"], q, eos=False),
     ]
     images = _images(3, tiny_config)
-    kwargs = dict(max_new_tokens=6, strategy=strategy, num_beams=3)
+    kwargs = {"max_new_tokens": 6, "strategy": strategy, "num_beams": 3}
     batched = generate(model, prompts, images, **kwargs)
     assert batched == generate(model, prompts, images, use_cache=False, **kwargs)
     one_by_one = [
@@ -105,7 +105,7 @@ def test_loss_ignores_slots_padding_and_masked_labels(tokenizer, tiny_config):
 def test_image_changes_only_what_follows_it(tokenizer, tiny_config):
     model = _model(tiny_config)
     enc = tokenizer.encode_interleaved(["Text before the picture", IMAGE, "and text after it."], 16)
-    inputs = dict(input_ids=torch.tensor([enc.ids]), image_mask=torch.tensor([enc.image_mask]))
+    inputs = {"input_ids": torch.tensor([enc.ids]), "image_mask": torch.tensor([enc.image_mask])}
     first = model(**inputs, images=_images(1, tiny_config)).logits[0]
     second = model(**inputs, images=_images(1, tiny_config)).logits[0]
     boi = enc.ids.index(tokenizer.boi_id)
@@ -123,8 +123,9 @@ def test_trainable_parameters_are_exactly_the_intended_set(tiny_config):
     expected = {
         n
         for n in names
-        if n.startswith(("embed_tokens.", "layers.", "layer_norm.", "connector."))
-        or n.startswith("vision.tower.transformer.resblocks.2.")
+        if n.startswith(
+            ("embed_tokens.", "layers.", "layer_norm.", "connector.", "vision.tower.transformer.resblocks.2.")
+        )
     }
     assert trainable == expected
     assert any(n.startswith("vision.tower.transformer.resblocks.1.") for n in names - trainable)

@@ -82,34 +82,34 @@ def to_hf_config(cfg: ModelConfig):
     check_exportable(cfg)
     text, vision = cfg.text, cfg.vision
     config = Kosmos2Config(
-        text_config=dict(
-            vocab_size=text.vocab_size,
-            max_position_embeddings=text.max_positions,
-            embed_dim=text.width,
-            layers=text.layers,
-            ffn_dim=text.ffn_width,
-            attention_heads=text.heads,
-            activation_function="gelu",  # exact (erf) GELU, as ours
-            dropout=text.dropout,
-            attention_dropout=text.attention_dropout,
-            activation_dropout=text.activation_dropout,
-            layer_norm_eps=text.layer_norm_eps,
-            scale_embedding=True,
-            tie_word_embeddings=True,
-            bos_token_id=BOS,
-            pad_token_id=PAD,
-            eos_token_id=EOS,
-        ),
-        vision_config=dict(
-            hidden_size=vision.width,
-            intermediate_size=int(vision.width * vision.mlp_ratio),
-            num_hidden_layers=vision.layers,
-            num_attention_heads=vision.heads,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,  # open_clip's LayerNorm default
-        ),
+        text_config={
+            "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.max_positions,
+            "embed_dim": text.width,
+            "layers": text.layers,
+            "ffn_dim": text.ffn_width,
+            "attention_heads": text.heads,
+            "activation_function": "gelu",  # exact (erf) GELU, as ours
+            "dropout": text.dropout,
+            "attention_dropout": text.attention_dropout,
+            "activation_dropout": text.activation_dropout,
+            "layer_norm_eps": text.layer_norm_eps,
+            "scale_embedding": True,
+            "tie_word_embeddings": True,
+            "bos_token_id": BOS,
+            "pad_token_id": PAD,
+            "eos_token_id": EOS,
+        },
+        vision_config={
+            "hidden_size": vision.width,
+            "intermediate_size": int(vision.width * vision.mlp_ratio),
+            "num_hidden_layers": vision.layers,
+            "num_attention_heads": vision.heads,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,  # open_clip's LayerNorm default
+        },
         latent_query_num=cfg.connector.num_queries,
     )
     config.architectures = ["Kosmos2ForConditionalGeneration"]

@@ -32,7 +32,12 @@ def pad_batch(
         image_mask[row, span] = torch.tensor(seq.image_mask)
         segment_ids[row, span] = 1
         position_ids[row, span] = torch.arange(len(seq))
-    batch = dict(input_ids=input_ids, image_mask=image_mask, position_ids=position_ids, segment_ids=segment_ids)
+    batch = {
+        "input_ids": input_ids,
+        "image_mask": image_mask,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 

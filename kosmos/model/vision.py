@@ -58,7 +58,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # OpenAI's original release is a TorchScript archive, not a pickled dict.
+    except Exception:  # noqa: BLE001 - OpenAI's original release is TorchScript, not a pickled dict
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -76,7 +76,7 @@ def load_vision_weights(tower: VisionTransformer, weights: str | Path) -> None:
         state = _read_state_dict(path)
     except VisionWeightsError:
         raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - a damaged file can fail anywhere in torch.load
         raise VisionWeightsError(f"vision weights {path} could not be read: {error}") from None
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
