@@ -8,7 +8,7 @@ cover `transformers`' CLIP vision tower, whose parameters Kosmos-2 names the sam
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -220,21 +220,34 @@ def hf_vision_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our model's state dict in `Kosmos2ForConditionalGeneration` names (the tied head left out)."""
-    out, vision = {}, {}
+def _rename(
+    state: Mapping[str, torch.Tensor],
+    tied: str,
+    vision_prefix: str,
+    prefixes: Sequence[tuple[str, str]],
+    target: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(text tensors renamed by the first matching (from, to) prefix, vision tensors with
+    `vision_prefix` removed); the tied head `tied` is left out."""
+    text, vision = {}, {}
     for name, tensor in state.items():
-        if name == _TIED:
+        if name == tied:
             continue
-        if name.startswith(_OUR_VISION):
-            vision[name.removeprefix(_OUR_VISION)] = tensor
+        if name.startswith(vision_prefix):
+            vision[name.removeprefix(vision_prefix)] = tensor
             continue
-        for ours, theirs in _TEXT_PREFIXES:
-            if name.startswith(ours):
-                out[theirs + name.removeprefix(ours)] = tensor
+        for source, dest in prefixes:
+            if name.startswith(source):
+                text[dest + name.removeprefix(source)] = tensor
                 break
         else:
-            raise ConversionError(f"tensor {name!r} has no counterpart in transformers' Kosmos-2")
+            raise ConversionError(f"tensor {name!r} has no counterpart in {target}")
+    return text, vision
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our model's state dict in `Kosmos2ForConditionalGeneration` names (the tied head left out)."""
+    out, vision = _rename(state, _TIED, _OUR_VISION, _TEXT_PREFIXES, "transformers' Kosmos-2")
     out.update({_HF_VISION + k: v for k, v in open_clip_vision_to_hf(vision).items()})
     return out
 
@@ -245,19 +258,8 @@ def from_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     embeddings = state.get(_TEXT_PREFIXES[0][1] + "weight")
     if head is not None and embeddings is not None and not torch.equal(head, embeddings):
         raise ConversionError("the checkpoint's LM head differs from its token embeddings; ours are tied")
-    out, vision = {}, {}
-    for name, tensor in state.items():
-        if name == "text_model." + _TIED:
-            continue
-        if name.startswith(_HF_VISION):
-            vision[name.removeprefix(_HF_VISION)] = tensor
-            continue
-        for ours, theirs in _TEXT_PREFIXES:
-            if name.startswith(theirs):
-                out[ours + name.removeprefix(theirs)] = tensor
-                break
-        else:
-            raise ConversionError(f"tensor {name!r} has no counterpart in our model")
+    swapped = [(theirs, ours) for ours, theirs in _TEXT_PREFIXES]
+    out, vision = _rename(state, "text_model." + _TIED, _HF_VISION, swapped, "our model")
     out.update({_OUR_VISION + k: v for k, v in hf_vision_to_open_clip(vision).items()})
     if "embed_tokens.weight" in out:
         out[_TIED] = out["embed_tokens.weight"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kosmos.config import ConfigError
@@ -68,20 +68,34 @@ def _text(value: object) -> bytes:
     return value.encode()
 
 
-def build_text(inputs: list[Path], out: Path, field: str = "text", **shard_options) -> CorpusIndex:
-    """One document per JSONL line, from `line[field]`."""
+def _build_from_records(
+    inputs: list[Path],
+    out: Path,
+    kind: str,
+    make_sample: Callable[[dict, Path], dict[str, bytes]],
+    **shard_options,
+) -> CorpusIndex:
+    """A corpus of `kind` with one sample per record of the input files: `make_sample(record, path)`
+    lays it out, or raises SkipSample; a line that is not a JSON object is skipped as invalid_json."""
     for path in inputs:
         _require(path, "--input")
-    with CorpusWriter(out, "text", **shard_options) as writer:
+    with CorpusWriter(out, kind, **shard_options) as writer:
         for path in inputs:
             for record in read_records(path):
                 try:
                     if record is None:
                         raise SkipSample("invalid_json")
-                    writer.write({"txt": _text(record.get(field))})
+                    writer.write(make_sample(record, path))
                 except SkipSample as skip:
                     writer.skip(skip.reason)
     return writer.index
+
+
+def build_text(inputs: list[Path], out: Path, field: str = "text", **shard_options) -> CorpusIndex:
+    """One document per JSONL line, from `line[field]`."""
+    return _build_from_records(
+        inputs, out, "text", lambda record, _: {"txt": _text(record.get(field))}, **shard_options
+    )
 
 
 def build_caption_list(
@@ -93,20 +107,15 @@ def build_caption_list(
     **shard_options,
 ) -> CorpusIndex:
     """Pairs from a CSV/TSV/JSONL list of (image path relative to `images`, caption)."""
-    _require(captions, "--input")
     _require(images, "--images")
-    with CorpusWriter(out, "caption", **shard_options) as writer:
-        for record in read_records(captions):
-            try:
-                if record is None:
-                    raise SkipSample("invalid_json")
-                if not record.get(image_field):
-                    raise SkipSample("missing_image", f"no {image_field!r} field")
-                extension, data = image_member(images / str(record[image_field]))
-                writer.write({extension: data, "txt": _text(record.get(caption_field))})
-            except SkipSample as skip:
-                writer.skip(skip.reason)
-    return writer.index
+
+    def pair(record: dict, _: Path) -> dict[str, bytes]:
+        if not record.get(image_field):
+            raise SkipSample("missing_image", f"no {image_field!r} field")
+        extension, data = image_member(images / str(record[image_field]))
+        return {extension: data, "txt": _text(record.get(caption_field))}
+
+    return _build_from_records([captions], out, "caption", pair, **shard_options)
 
 
 def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> CorpusIndex:
@@ -151,21 +160,17 @@ def build_interleaved(
 ) -> CorpusIndex:
     """Documents from JSONL/Parquet rows with parallel `texts` and `images` lists (OBELICS layout);
     image entries are local file paths, relative to `images` (default: the input file's folder)."""
-    for path in inputs:
-        _require(path, "--input")
-    with CorpusWriter(out, "interleaved", **shard_options) as writer:
-        for path in inputs:
-            root = images or path.parent
-            for record in read_records(path):
-                try:
-                    writer.write(_interleaved_sample(record, root))
-                except SkipSample as skip:
-                    writer.skip(skip.reason)
-    return writer.index
+    return _build_from_records(
+        inputs,
+        out,
+        "interleaved",
+        lambda record, path: _interleaved_sample(record, images or path.parent),
+        **shard_options,
+    )
 
 
-def _interleaved_sample(record: dict | None, root: Path) -> dict[str, bytes]:
-    if record is None or not all(isinstance(record.get(k), list) for k in ("texts", "images")):
+def _interleaved_sample(record: dict, root: Path) -> dict[str, bytes]:
+    if not all(isinstance(record.get(k), list) for k in ("texts", "images")):
         raise SkipSample("invalid_json", 'expected "texts" and "images" lists')
     texts, images = record["texts"], record["images"]
     if len(texts) != len(images):
@@ -189,22 +194,15 @@ def _interleaved_sample(record: dict | None, root: Path) -> dict[str, bytes]:
 def build_instruction(inputs: list[Path], out: Path, **shard_options) -> CorpusIndex:
     """(instruction, input, output) triples from JSONL/Parquet/CSV rows with those fields (the Alpaca
     layout; `input` may be missing or empty), for language-only instruction tuning."""
-    for path in inputs:
-        _require(path, "--input")
-    with CorpusWriter(out, "instruction", **shard_options) as writer:
-        for path in inputs:
-            for record in read_records(path):
-                try:
-                    if record is None:
-                        raise SkipSample("invalid_json")
-                    triple = {
-                        "instruction": _text(record.get("instruction")).decode(),
-                        "input": record.get("input") or "",
-                        "output": _text(record.get("output")).decode(),
-                    }
-                    if not isinstance(triple["input"], str):
-                        raise SkipSample("invalid_json", f"input {triple['input']!r} is not a string")
-                    writer.write({"json": json.dumps(triple).encode()})
-                except SkipSample as skip:
-                    writer.skip(skip.reason)
-    return writer.index
+    return _build_from_records(inputs, out, "instruction", _instruction_sample, **shard_options)
+
+
+def _instruction_sample(record: dict, _: Path) -> dict[str, bytes]:
+    triple = {
+        "instruction": _text(record.get("instruction")).decode(),
+        "input": record.get("input") or "",
+        "output": _text(record.get("output")).decode(),
+    }
+    if not isinstance(triple["input"], str):
+        raise SkipSample("invalid_json", f"input {triple['input']!r} is not a string")
+    return {"json": json.dumps(triple).encode()}
