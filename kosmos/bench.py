@@ -12,7 +12,7 @@ see the same machine load, and reports `speedup`: their time over ours.
   the largest micro-batch that fits with and without activation checkpointing, and how few layers
   need checkpointing at the configured micro-batch.
 - generate: greedy decoding with a KV cache of `--new-tokens` tokens after a prompt of one image and
-  some text (it never stops early).
+  some text (it never stops early); `--compile` runs the decoding steps of both sides compiled.
 - data: the training loader (tokenizing, CLIP preprocessing, packing, its workers) against a bare
   loop that only reads the same shards and decodes and resizes their images, in the same run.
 
@@ -65,6 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
     generate.add_argument("--prompt-tokens", type=int, default=16, help="text tokens after the image")
     generate.add_argument("--new-tokens", type=int, default=64, help="tokens generated (default 64)")
+    generate.add_argument(
+        "--compile",
+        action="store_true",
+        help="decoding steps through torch.compile, both sides alike (compiled in the warm-up)",
+    )
     generate.set_defaults(handler=bench_generate)
 
     data = benches.add_parser("data", help="the data loader against a bare decode-and-resize loop")
@@ -526,6 +531,7 @@ def bench_generate(args: argparse.Namespace) -> int:
     import torch
 
     from kosmos.model import KosmosModel, generate
+    from kosmos.model.kosmos import compile_for_decoding
     from kosmos.tokenizer import Encoded
     from kosmos.train.engine import use_bf16
 
@@ -542,12 +548,18 @@ def bench_generate(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.train.seed)
     model = KosmosModel(cfg.model).eval()
-    runs = {"ours": lambda: generate(model, prompts, images, max_new_tokens=args.new_tokens, eos_id=NEVER)}
+    runs = {
+        "ours": lambda: generate(
+            model, prompts, images, max_new_tokens=args.new_tokens, eos_id=NEVER, compile=args.compile
+        )
+    }
     if args.hf:
         from kosmos.model import pad_batch
 
         twin = transformers_twin(model).to(device, dtype).eval()
         twin.generation_config.eos_token_id = None  # decode the full length, as ours does here
+        if args.compile:  # Kosmos-2's generate runs its text model, compiled here as ours is
+            twin.text_model.forward = compile_for_decoding(twin.text_model.forward, device.type)
         inputs = transformers_inputs({**pad_batch(prompts, "left", device), "images": images})
 
         def theirs() -> list[list[int]]:
@@ -572,6 +584,7 @@ def bench_generate(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "prompt_length": length - 1,
         "new_tokens": args.new_tokens,
+        "compile": args.compile,
         "runs": args.steps,
     }
     for side, times in seconds.items():

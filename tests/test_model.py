@@ -94,7 +94,9 @@ def test_loss_ignores_slots_padding_and_masked_labels(tokenizer, tiny_config):
     valid = labels != IGNORE_INDEX
     assert not valid[batch["image_mask"]].any()
     assert (out.token_loss[~valid] == 0).all()
-    manual = torch.nn.functional.cross_entropy(out.logits[valid], labels[valid])
+    full = model(**batch, images=images).logits  # without labels: every position's logits
+    torch.testing.assert_close(out.logits, full[valid])
+    manual = torch.nn.functional.cross_entropy(full[valid], labels[valid])
     torch.testing.assert_close(out.loss, manual)
     # Whatever sits in padding or behind -100 labels changes nothing.
     noisy = dict(batch)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kosmos.bench import _fewest_that_fit, _largest_that_fits, synthetic_batch
 from kosmos.cli import main
-from kosmos.model import KosmosModel, KVCache, pad_batch
+from kosmos.model import KosmosModel, KVCache, generate, pad_batch
 from kosmos.model import loss as loss_module
 from kosmos.model.loss import token_cross_entropy
 from kosmos.tokenizer import IGNORE_INDEX
@@ -68,7 +68,8 @@ def test_model_loss_is_cross_entropy_over_labelled_tokens(tiny_config):
     batch = synthetic_batch(tiny_config, rows=2, seq_len=64, images_per_row=1)
     out = model(**batch)
     labelled = batch["labels"] != IGNORE_INDEX
-    plain = F.cross_entropy(out.logits[labelled], batch["labels"][labelled])
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    plain = F.cross_entropy(logits[labelled], batch["labels"][labelled])
     torch.testing.assert_close(out.loss, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -118,6 +119,27 @@ def test_preallocated_cache_decodes_like_full_forwards(tokenizer, tiny_config, l
     torch.testing.assert_close(torch.stack(steps, 1), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="holds"):
         model(new[:, :1], position_ids=position, cache=cache)
+
+
+def test_compiled_decoding_gives_the_same_tokens(tokenizer, tiny_config):
+    from torch._dynamo.utils import counters
+
+    model = KosmosModel(tiny_config).eval()
+    q = tiny_config.connector.num_queries
+    # Prompts of different lengths: left padding, so the steps take the masked path.
+    prompts = [
+        tokenizer.encode_interleaved([IMAGE, text], q, eos=False)
+        for text in ("An image of", "A longer prompt with more words")
+    ]
+    images = torch.randn(2, 3, tiny_config.vision.image_size, tiny_config.vision.image_size)
+    graphs = counters["stats"]["unique_graphs"]
+    for options in ({"strategy": "greedy"}, {"strategy": "beam", "num_beams": 3}):
+        eager = generate(model, prompts, images, max_new_tokens=12, eos_id=-1, **options)
+        compiled = generate(model, prompts, images, max_new_tokens=12, eos_id=-1, compile=True, **options)
+        assert compiled == eager, options
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps ran compiled, not eager
+    with pytest.raises(ValueError, match="use_cache"):
+        generate(model, prompts, images, compile=True, use_cache=False)
 
 
 def test_image_slot_mismatch_is_refused_on_the_host(tiny_config):

@@ -27,12 +27,13 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 class ModelBackend:
-    def __init__(self, model, tokenizer: Tokenizer, batch_size: int = 8):
+    def __init__(self, model, tokenizer: Tokenizer, batch_size: int = 8, compile: bool = False):
         from kosmos.data import image_transform
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.compile = compile  # decoding steps through `KosmosModel.compiled_forward`
         self.num_image_tokens = model.cfg.connector.num_queries
         self.max_positions = model.cfg.text.max_positions
         self.transform = image_transform(model.cfg.vision.image_size)
@@ -94,6 +95,7 @@ class ModelBackend:
                 top_p=decoding.top_p,
                 eos_id=self.tokenizer.eos_id,
                 seed=decoding.seed,
+                compile=self.compile,
             )
             texts.extend(cut_at_stop(self.tokenizer.decode(t), decoding.stop) for t in tokens)
         return texts

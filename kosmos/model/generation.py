@@ -65,9 +65,15 @@ def _check_images(sequences: Sequence[Encoded], images: torch.Tensor | None) -> 
 class _Decoder:
     """Runs the model one step at a time, with a KV cache or by re-reading the whole sequence."""
 
-    def __init__(self, model: KosmosModel, batch: dict, images, use_cache: bool, max_new_tokens: int):
+    def __init__(
+        self, model: KosmosModel, batch: dict, images, use_cache: bool, max_new_tokens: int, compile: bool
+    ):
+        if compile and not use_cache:
+            raise ValueError("compile=True compiles the cached decoding step: it needs use_cache=True")
         self.model = model
         self.use_cache = use_cache
+        # Only the one-token steps: they share one graph, while prompts (and images) vary in shape.
+        self.step_forward = model.compiled_forward() if compile else model
         self.batch = batch
         self.images = images
         capacity = batch["input_ids"].shape[1] + max_new_tokens
@@ -83,7 +89,7 @@ class _Decoder:
         position = self.next_position.unsqueeze(1)
         self.next_position = self.next_position + 1
         if self.use_cache:
-            out = self.model(tokens.unsqueeze(1), position_ids=position, cache=self.cache)
+            out = self.step_forward(tokens.unsqueeze(1), position_ids=position, cache=self.cache)
             return out.logits[:, -1].float()
         b["input_ids"] = torch.cat([b["input_ids"], tokens.unsqueeze(1)], 1)
         b["image_mask"] = torch.cat([b["image_mask"], torch.zeros_like(tokens, dtype=torch.bool).unsqueeze(1)], 1)
@@ -128,8 +134,13 @@ def generate(
     eos_id: int = EOS,
     seed: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> list[list[int]]:
-    """New tokens for each prompt, stopping at `eos_id` (which is not returned)."""
+    """New tokens for each prompt, stopping at `eos_id` (which is not returned).
+
+    `compile` runs the decoding steps through `KosmosModel.compiled_forward`: the same tokens, with a
+    one-time compilation (tens of seconds) that pays off over many steps, as in an evaluation.
+    """
     _check_images(prompts, images)
     was_training = model.training
     model.eval()
@@ -139,12 +150,12 @@ def generate(
             images = images.to(device)
         if strategy == "beam":
             return _beam_search(model, prompts, images, max_new_tokens, num_beams, length_penalty, eos_id,
-                                device, use_cache)
+                                device, use_cache, compile)
         generator = None
         if strategy == "sample":
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if seed is None else seed)
-        decoder = _Decoder(model, pad_batch(prompts, "left", device), images, use_cache, max_new_tokens)
+        decoder = _Decoder(model, pad_batch(prompts, "left", device), images, use_cache, max_new_tokens, compile)
         logits = decoder.first()
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         # Tokens stay on the device until the end: one host sync per step (the stopping test).
@@ -167,11 +178,13 @@ def generate(
         model.train(was_training)
 
 
-def _beam_search(model, prompts, images, max_new_tokens, num_beams, length_penalty, eos_id, device, use_cache):
+def _beam_search(
+    model, prompts, images, max_new_tokens, num_beams, length_penalty, eos_id, device, use_cache, compile
+):
     k = num_beams
     rows = [p for p in prompts for _ in range(k)]
     padded = pad_batch(rows, "left", device)
-    decoder = _Decoder(model, padded, _images_for_rows(prompts, images, k), use_cache, max_new_tokens)
+    decoder = _Decoder(model, padded, _images_for_rows(prompts, images, k), use_cache, max_new_tokens, compile)
     logits = decoder.first()
     batch = len(prompts)
     beam_scores = torch.full((batch, k), float("-inf"), device=device)
