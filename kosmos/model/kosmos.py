@@ -396,14 +396,14 @@ class KosmosModel(nn.Module):
         logits = self.lm_head(hidden.flatten(0, 1).index_select(0, labelled))
         losses = token_cross_entropy(logits, labels.flatten().index_select(0, labelled))
         token_loss = losses.new_zeros(batch * length).index_copy(0, labelled, losses).view(batch, length)
-        loss = token_loss.sum() / max(labelled.numel(), 1)
+        loss = losses.sum() / max(labelled.numel(), 1)
         return KosmosOutput(logits=logits, loss=loss, token_loss=token_loss, cache=cache)
 
     def compile_layers(self) -> None:
         """`torch.compile` each decoder layer in place (parameter names do not change).
 
         For training: every layer has the same code and shapes, so one compiled graph serves all.
-        Decoding with a KV cache changes shapes every step and stays eager.
+        Decoding compiles the whole forward instead, with dynamic shapes (`compiled_forward`).
         """
         for layer in self.layers:
             layer.compile()
