@@ -10,7 +10,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kosmos-installed
 
-.PHONY: install demo mmcot test lint clean
+.PHONY: install demo mmcot test unit lint clean
 
 install: $(STAMP)
 
@@ -66,6 +66,10 @@ mmcot: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The unit half: everything but the multi-process and end-to-end tests (marked `slow`).
+unit: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check kosmos tests data launch
