@@ -170,8 +170,10 @@ def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> Corp
     `hidden_key`; a key whose suffixes repeat holds several samples that cannot be told apart, each
     counted as `duplicate_key`; damage is read past (`bad_tar_header`, `truncated_shard`)."""
     for path in shards:
+        if not _require(path, "--shards").is_file():  # a FIFO would block the build
+            raise ConfigError(f"--shards: {path} is not a regular file")
         try:
-            tarfile.open(_require(path, "--shards"), mode="r:").close()
+            tarfile.open(path, mode="r:").close()
         except (OSError, tarfile.TarError) as error:
             raise ConfigError(f"--shards: {path} is not a readable tar file ({error})") from None
     with CorpusWriter(out, "caption", **shard_options) as writer:
@@ -212,27 +214,38 @@ def _regular_members(
                 member = None
             if member is None:
                 # A cut inside the last member read is counted when its sample is read.
-                if expected <= size and (damaged or not _zeros(raw, expected, size)):
+                if expected <= size and (damaged or _damaged(raw, expected, size)):
                     skip("truncated_shard")
                 return
-            if damaged or not _zeros(raw, expected, member.offset):
+            if damaged or _damaged(raw, expected, member.offset):
                 skip("bad_tar_header")
             damaged = False
-            expected = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            expected = member.offset_data + _padded(member.size)
             if member.isreg():
                 yield member
 
 
-def _zeros(f, start: int, stop: int) -> bool:
-    f.seek(start)
+def _damaged(f, start: int, stop: int) -> bool:
+    """Whether the stretch between two members holds anything but zero blocks (the end-of-archive
+    marker, padding) and pax global headers (which tarfile reads without returning)."""
     while start < stop:
-        chunk = f.read(min(stop - start, 1 << 20))
-        if not chunk:
-            break
-        if chunk.count(0) != len(chunk):
-            return False
-        start += len(chunk)
-    return True
+        f.seek(start)
+        block = f.read(tarfile.BLOCKSIZE)
+        try:
+            header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:  # zeros, garbage, or the end of the file
+            if block.count(0) != len(block):
+                return True
+            start += tarfile.BLOCKSIZE
+            continue
+        if header.type != tarfile.XGLTYPE:
+            return True
+        start += tarfile.BLOCKSIZE + _padded(header.size)
+    return False
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def _key_groups(
