@@ -113,9 +113,8 @@ def expected_skips() -> Counter[str]:
 )
 def test_decoders_skip_each_planted_case_under_its_reason(kind, position):
     sample, reason = PLANTED[kind][position]
-    members = dict(sample)
     try:
-        DECODERS[kind](RawSample("x", members), CorpusConfig(kind=kind, path=".", tokens_per_step=1))
+        DECODERS[kind](RawSample("x", sample), CorpusConfig(kind=kind, path=".", tokens_per_step=1))
     except SkipSample as skip:
         assert skip.reason == reason
     else:

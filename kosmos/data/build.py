@@ -255,7 +255,7 @@ def _key_groups(
     suffix met again under the same key starts another sample."""
     key, samples = None, []
     for member in members:
-        member_key, suffix = split_member_name(member.name)
+        member_key, suffix = _split_member_name(member.name)
         if member_key != key:
             if samples:
                 yield key, samples
@@ -267,7 +267,7 @@ def _key_groups(
         yield key, samples
 
 
-def split_member_name(name: str) -> tuple[str, str]:
+def _split_member_name(name: str) -> tuple[str, str]:
     """(key, suffix): the key ends at the first dot of the base name, as webdataset splits names;
     the leading dots of a hidden name (`.KEY.jpg`) stay in its key."""
     folder, slash, base = name.rpartition("/")

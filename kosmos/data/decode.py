@@ -86,7 +86,7 @@ def decode_image(data: bytes) -> Image.Image:
         raise SkipSample("corrupt_image", f"{type(error).__name__}: {error}") from None
 
 
-def unusable_image(image: Image.Image, corpus: CorpusConfig) -> str | None:
+def _unusable_image(image: Image.Image, corpus: CorpusConfig) -> str | None:
     """Why a decoded image is left out (`small_image`, `extreme_aspect_ratio`), or None."""
     short, long = sorted(image.size)
     if short < corpus.min_image_size:
@@ -139,7 +139,7 @@ def decode_caption(sample: RawSample, corpus: CorpusConfig) -> Document:
     if data is None:
         raise SkipSample("missing_image")
     image = decode_image(data)
-    reason = unusable_image(image, corpus)
+    reason = _unusable_image(image, corpus)
     if reason is not None:
         raise SkipSample(reason, f"{image.size[0]}x{image.size[1]}")
     return Document([image, caption])
@@ -176,7 +176,7 @@ def decode_interleaved(sample: RawSample, corpus: CorpusConfig) -> Document:
             document.dropped_images["over_max_images"] += 1
             continue
         image = decode_image(sample.members[image_name.lower()])
-        reason = unusable_image(image, corpus)
+        reason = _unusable_image(image, corpus)
         if reason is not None:
             document.dropped_images[reason] += 1
             continue
