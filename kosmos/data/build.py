@@ -1,8 +1,9 @@
 """Shard builders: JSONL text, image-caption lists or shards, and OBELICS-style interleaved documents.
 
 Each writes a corpus folder (shards + index). Input that cannot become a sample is counted by reason
-in the index's `skipped` (reported by `kosmos data inspect`); the loader re-checks everything it
-decodes, so builders only check what they must to lay a sample out.
+in the index's `skipped` (reported by `kosmos data inspect`) and the build goes on; the loader re-checks
+everything it decodes, so builders only check what they must to lay a sample out, and that its text
+can be tokenized. Image paths are read only inside the folder they are relative to.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kosmos.config import ConfigError
-from kosmos.data.shards import IMAGE_EXTENSIONS, CorpusIndex, CorpusWriter, ShardReader, SkipSample
+from kosmos.data.decode import check_unicode, load_json
+from kosmos.data.shards import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, CorpusIndex, CorpusWriter, SkipSample
 
 
 def _require(path: Path, what: str) -> Path:
@@ -23,8 +25,9 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def read_records(path: Path) -> Iterator[dict | None]:
-    """Rows of a JSONL, Parquet, CSV or TSV file as dicts (None for a JSONL line that is not an object)."""
+def read_records(path: Path) -> Iterator[dict | SkipSample]:
+    """Rows of a JSONL, Parquet, CSV or TSV file as dicts. A row that cannot be read comes as the
+    SkipSample to count (`invalid_utf8`, `invalid_json`, `invalid_csv`) and reading goes on."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -32,30 +35,71 @@ def read_records(path: Path) -> Iterator[dict | None]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
     elif suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        yield from _csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
+        with path.open("rb") as f:
             for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                yield record if isinstance(record, dict) else None
+                if line.strip():
+                    yield _json_record(line)
     else:
         raise ConfigError(f"--input: {path} is not .jsonl, .parquet, .csv or .tsv")
 
 
+def _json_record(line: bytes) -> dict | SkipSample:
+    try:
+        record = load_json(line)
+    except SkipSample as skip:
+        return skip
+    return record if isinstance(record, dict) else SkipSample("invalid_json", "not a JSON object")
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[dict | SkipSample]:
+    # Undecodable bytes are kept as lone surrogates so that they skip their own row only.
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = csv.DictReader(f, delimiter=delimiter)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error as error:  # e.g. a field over csv's limit (128 KiB): an unclosed quote
+                yield SkipSample("invalid_csv", str(error))
+                continue
+            try:
+                # Cells beyond the header row come as a list under the key None.
+                for cell in (*row, *row.values(), *(row.get(None) or ())):
+                    if isinstance(cell, str):
+                        check_unicode(cell)
+            except SkipSample as skip:
+                yield skip
+                continue
+            yield row
+
+
 def image_member(path: Path) -> tuple[str, bytes]:
-    """(extension, bytes) of a local image file; a missing or unsupported file skips its sample."""
+    """(extension, bytes) of a local image file; a missing, unsupported or oversized file skips its
+    sample."""
     extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
     if extension not in IMAGE_EXTENSIONS:
         raise SkipSample("not_an_image", f"{path} is not .jpg, .png or .webp")
     if not path.is_file():
         raise SkipSample("missing_image", str(path))
+    if path.stat().st_size > MAX_MEMBER_BYTES:
+        raise SkipSample("oversized_member", f"{path} has {path.stat().st_size} bytes")
     return extension, path.read_bytes()
+
+
+def image_under(root: Path, relative: object) -> tuple[str, bytes]:
+    """`image_member` of the file `relative` names under `root`. A path that leads out of `root`
+    (`..`, an absolute path, a symbolic link to elsewhere) skips its sample unread (`path_outside`)."""
+    try:
+        path = (root / str(relative)).resolve()
+        inside = path.is_relative_to(root.resolve())
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a loop of symbolic links
+        raise SkipSample("missing_image", f"{relative!r}: {error}") from None
+    if not inside:
+        raise SkipSample("path_outside", f"{relative!r} is outside {root}")
+    return image_member(path)
 
 
 def _text(value: object) -> bytes:
@@ -65,7 +109,7 @@ def _text(value: object) -> bytes:
         raise SkipSample("invalid_json", f"text {value!r} is not a string")
     if not value.strip():
         raise SkipSample("empty_text")
-    return value.encode()
+    return check_unicode(value).encode()
 
 
 def _build_from_records(
@@ -76,15 +120,15 @@ def _build_from_records(
     **shard_options,
 ) -> CorpusIndex:
     """A corpus of `kind` with one sample per record of the input files: `make_sample(record, path)`
-    lays it out, or raises SkipSample; a line that is not a JSON object is skipped as invalid_json."""
+    lays it out, or raises SkipSample; rows that cannot be read are counted (see `read_records`)."""
     for path in inputs:
         _require(path, "--input")
     with CorpusWriter(out, kind, **shard_options) as writer:
         for path in inputs:
             for record in read_records(path):
                 try:
-                    if record is None:
-                        raise SkipSample("invalid_json")
+                    if isinstance(record, SkipSample):
+                        raise record
                     writer.write(make_sample(record, path))
                 except SkipSample as skip:
                     writer.skip(skip.reason)
@@ -112,7 +156,7 @@ def build_caption_list(
     def pair(record: dict, _: Path) -> dict[str, bytes]:
         if not record.get(image_field):
             raise SkipSample("missing_image", f"no {image_field!r} field")
-        extension, data = image_member(images / str(record[image_field]))
+        extension, data = image_under(images, record[image_field])
         return {extension: data, "txt": _text(record.get(caption_field))}
 
     return _build_from_records([captions], out, "caption", pair, **shard_options)
@@ -120,30 +164,141 @@ def build_caption_list(
 
 def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> CorpusIndex:
     """Pairs from tar shards already in WebDataset layout (e.g. img2dataset's output): `KEY.jpg`,
-    `KEY.txt` and an optional `KEY.json` are kept; other members are dropped."""
+    `KEY.txt` and an optional `KEY.json` are kept; other members are dropped unread.
+
+    Nothing is lost uncounted: a key group with a hidden name (`.KEY`, `__KEY__`) is counted as
+    `hidden_key`; a key whose suffixes repeat holds several samples that cannot be told apart, each
+    counted as `duplicate_key`; damage is read past (`bad_tar_header`, `truncated_shard`)."""
+    for path in shards:
+        if not _require(path, "--shards").is_file():  # a FIFO would block the build
+            raise ConfigError(f"--shards: {path} is not a regular file")
+        try:
+            tarfile.open(path, mode="r:").close()
+        except (OSError, tarfile.TarError) as error:
+            raise ConfigError(f"--shards: {path} is not a readable tar file ({error})") from None
     with CorpusWriter(out, "caption", **shard_options) as writer:
         for path in shards:
-            try:
-                reader = ShardReader(_require(path, "--shards"))
-            except (OSError, tarfile.TarError) as error:
-                raise ConfigError(f"--shards: {path} is not a readable tar file ({error})") from None
-            for i in range(len(reader)):
-                try:
-                    members = reader.read(i).members
-                    image = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-                    if image is None:
-                        raise SkipSample("missing_image")
-                    sample = {
-                        image.replace("jpeg", "jpg"): members[image],
-                        "txt": _text(_utf8(members.get("txt"))),
-                    }
-                    if "json" in members:
-                        sample["json"] = members["json"]
-                    writer.write(sample)
-                except SkipSample as skip:
-                    writer.skip(skip.reason)
-            reader.close()
+            with tarfile.open(path, mode="r:") as tar:
+                for key, samples in _key_groups(_regular_members(tar, path, writer.skip)):
+                    for members in samples:
+                        try:
+                            if key.rpartition("/")[2].startswith((".", "__")):
+                                raise SkipSample("hidden_key", key)
+                            if len(samples) > 1:
+                                raise SkipSample("duplicate_key", key)
+                            writer.write(_caption_pair(tar, members))
+                        except SkipSample as skip:
+                            writer.skip(skip.reason)
     return writer.index
+
+
+def _regular_members(
+    tar: tarfile.TarFile, path: Path, skip: Callable[[str], None]
+) -> Iterator[tarfile.TarInfo]:
+    """The tar's file members in order, reading past damage. A stretch without a valid header is
+    skipped up to the next valid one and counted once: `bad_tar_header`, or `truncated_shard` when
+    it runs to the end of the file (the tar was cut short)."""
+    size = path.stat().st_size
+    tar.ignore_zeros = True  # step over blocks that are not headers instead of stopping there
+    expected = 0  # where the next header should start
+    damaged = False
+    with path.open("rb") as raw:
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, OSError, EOFError):
+                damaged = True
+                tar.offset += tarfile.BLOCKSIZE  # past the header that failed
+                if tar.offset < size:
+                    continue
+                member = None
+            if member is None:
+                # A cut inside the last member read is counted when its sample is read.
+                if expected <= size and (damaged or _damaged(raw, expected, size)):
+                    skip("truncated_shard")
+                return
+            if damaged or _damaged(raw, expected, member.offset):
+                skip("bad_tar_header")
+            damaged = False
+            expected = member.offset_data + _padded(member.size)
+            if member.isreg():
+                yield member
+
+
+def _damaged(f, start: int, stop: int) -> bool:
+    """Whether the stretch between two members holds anything but zero blocks (the end-of-archive
+    marker, padding) and pax global headers (which tarfile reads without returning)."""
+    while start < stop:
+        f.seek(start)
+        block = f.read(tarfile.BLOCKSIZE)
+        try:
+            header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:  # zeros, garbage, or the end of the file
+            if block.count(0) != len(block):
+                return True
+            start += tarfile.BLOCKSIZE
+            continue
+        if header.type != tarfile.XGLTYPE:
+            return True
+        start += tarfile.BLOCKSIZE + _padded(header.size)
+    return False
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _key_groups(
+    members: Iterator[tarfile.TarInfo],
+) -> Iterator[tuple[str, list[dict[str, tarfile.TarInfo]]]]:
+    """Runs of members sharing a key, as webdataset groups them, each split into its samples: a
+    suffix met again under the same key starts another sample."""
+    key, samples = None, []
+    for member in members:
+        member_key, suffix = _split_member_name(member.name)
+        if member_key != key:
+            if samples:
+                yield key, samples
+            key, samples = member_key, [{}]
+        if suffix in samples[-1]:
+            samples.append({})
+        samples[-1][suffix] = member
+    if samples:
+        yield key, samples
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """(key, suffix): the key ends at the first dot of the base name, as webdataset splits names;
+    the leading dots of a hidden name (`.KEY.jpg`) stay in its key."""
+    folder, slash, base = name.rpartition("/")
+    stem = base.lstrip(".")
+    cut = len(base) - len(stem) + (stem.index(".") if "." in stem else len(stem))
+    return folder + slash + base[:cut], base[cut + 1 :].lower()
+
+
+def _caption_pair(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> dict[str, bytes]:
+    image = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if image is None:
+        raise SkipSample("missing_image")
+    sample = {
+        image.replace("jpeg", "jpg"): _read_member(tar, members[image]),
+        "txt": _text(_utf8(_read_member(tar, members["txt"]) if "txt" in members else None)),
+    }
+    if "json" in members:
+        sample["json"] = _read_member(tar, members["json"])
+    return sample
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    if member.size > MAX_MEMBER_BYTES:
+        raise SkipSample("oversized_member", f"{member.name} has {member.size} bytes")
+    try:
+        data = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise SkipSample("truncated_shard", f"{member.name}: {error}") from None
+    if len(data) != member.size:
+        raise SkipSample("truncated_shard", f"{member.name} is cut short")
+    return data
 
 
 def _utf8(data: bytes | None) -> str | None:
@@ -181,9 +336,12 @@ def _interleaved_sample(record: dict, root: Path) -> dict[str, bytes]:
         if (text is None) == (image is None):
             raise SkipSample("mismatched_lists")
         if image is None:
+            if not isinstance(text, str):
+                raise SkipSample("invalid_json", f"text entry {text!r} is not a string")
+            check_unicode(text)
             names.append(None)
             continue
-        extension, data = image_member(root / str(image))
+        extension, data = image_under(root, image)
         names.append(f"{position}.{extension}")
         members[names[-1]] = data
     if not any(isinstance(t, str) and t.strip() for t in texts):
@@ -205,4 +363,5 @@ def _instruction_sample(record: dict, _: Path) -> dict[str, bytes]:
     }
     if not isinstance(triple["input"], str):
         raise SkipSample("invalid_json", f"input {triple['input']!r} is not a string")
+    check_unicode(triple["input"])
     return {"json": json.dumps(triple).encode()}

@@ -1,19 +1,23 @@
 """From a shard's raw members to a document: text parts and PIL images in reading order.
 
 Each corpus kind has a decoder. A sample that cannot be used raises `SkipSample(reason)`; images
-left out of a document that is kept (too small, over the per-document cap) are counted in
+left out of a document that is kept (too small, too elongated, over the per-document cap) are counted in
 `Document.dropped_images`. Reasons:
 
   missing_text      no `.txt` member (text, caption)
   empty_text        the text is empty or only whitespace; an interleaved document without text
-  invalid_utf8      text that is not UTF-8
-  invalid_json      an interleaved `.json` that does not parse or is not `{"texts": [...], "images": [...]}`
+  invalid_utf8      text or JSON that is not UTF-8, or a JSON string holding a lone surrogate (`"\\ud800"`)
+  invalid_json      an interleaved `.json` that does not parse (or nests too deep to) or is not
+                    `{"texts": [...], "images": [...]}`
   mismatched_lists  `texts` and `images` differ in length, or a position has both or neither
   missing_image     a caption sample without an image member; an interleaved image that names no member
   not_an_image      bytes under an image name that are not a JPEG, PNG or WebP image
   corrupt_image     an image that is truncated or fails to decode
   image_too_large   more than MAX_IMAGE_PIXELS pixels (decompression bombs are refused unread)
   small_image       a caption pair whose image is smaller than `min_image_size`
+  extreme_aspect_ratio  a caption pair whose image's long side is over MAX_ASPECT_RATIO times its
+                    short side: resizing the short side would cost hundreds of MiB for a centre
+                    crop that shows a sliver of the image
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from kosmos.data.config import CorpusConfig
@@ -33,6 +38,7 @@ from kosmos.data.shards import IMAGE_EXTENSIONS, RawSample, SkipSample
 # About 200 MB once decoded to RGB; anything larger is refused before its pixels are read.
 MAX_IMAGE_PIXELS = 1 << 26
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_ASPECT_RATIO = 20
 
 
 @dataclass
@@ -68,6 +74,9 @@ def decode_image(data: bytes) -> Image.Image:
         raise SkipSample("image_too_large", f"{width}x{height}")
     try:
         image.load()
+        if image.mode.startswith("I"):
+            # 16-bit grayscale PNG: keep the top 8 bits (converting clips everything over 255 to white).
+            image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8), "L")
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -75,6 +84,37 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
     except Exception as error:  # noqa: BLE001 - truncated or corrupt pixel data
         raise SkipSample("corrupt_image", f"{type(error).__name__}: {error}") from None
+
+
+def _unusable_image(image: Image.Image, corpus: CorpusConfig) -> str | None:
+    """Why a decoded image is left out (`small_image`, `extreme_aspect_ratio`), or None."""
+    short, long = sorted(image.size)
+    if short < corpus.min_image_size:
+        return "small_image"
+    if long > MAX_ASPECT_RATIO * short:
+        return "extreme_aspect_ratio"
+    return None
+
+
+def load_json(data: bytes) -> object:
+    """The parsed JSON; bytes that are not UTF-8, and JSON that does not parse or nests too deep for
+    the parser, skip the sample."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as error:
+        raise SkipSample("invalid_utf8", str(error)) from None
+    except (ValueError, RecursionError) as error:
+        raise SkipSample("invalid_json", f"{type(error).__name__}: {error}") from None
+
+
+def check_unicode(text: str) -> str:
+    """`text`, if UTF-8 can hold it: a JSON escape such as "\\ud800" gives a lone surrogate, which
+    neither UTF-8 nor the tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SkipSample("invalid_utf8", str(error)) from None
+    return text
 
 
 def _text(data: bytes | None) -> str:
@@ -99,8 +139,9 @@ def decode_caption(sample: RawSample, corpus: CorpusConfig) -> Document:
     if data is None:
         raise SkipSample("missing_image")
     image = decode_image(data)
-    if min(image.size) < corpus.min_image_size:
-        raise SkipSample("small_image", f"{image.size[0]}x{image.size[1]}")
+    reason = _unusable_image(image, corpus)
+    if reason is not None:
+        raise SkipSample(reason, f"{image.size[0]}x{image.size[1]}")
     return Document([image, caption])
 
 
@@ -111,10 +152,7 @@ def decode_interleaved(sample: RawSample, corpus: CorpusConfig) -> Document:
     """
     if "json" not in sample.members:
         raise SkipSample("invalid_json", "no .json member")
-    try:
-        layout = json.loads(sample.members["json"])
-    except ValueError as error:
-        raise SkipSample("invalid_json", str(error)) from None
+    layout = load_json(sample.members["json"])
     if not isinstance(layout, dict) or not all(isinstance(layout.get(k), list) for k in ("texts", "images")):
         raise SkipSample("invalid_json", 'expected {"texts": [...], "images": [...]}')
     texts, images = layout["texts"], layout["images"]
@@ -128,7 +166,7 @@ def decode_interleaved(sample: RawSample, corpus: CorpusConfig) -> Document:
         if text is not None:
             if not isinstance(text, str):
                 raise SkipSample("invalid_json", f"text entry {text!r} is not a string")
-            document.parts.append(text)
+            document.parts.append(check_unicode(text))
             continue
         if not isinstance(image_name, str) or image_name.lower() not in sample.members:
             raise SkipSample("missing_image", f"{image_name!r} is not a member of {sample.key}")
@@ -138,8 +176,9 @@ def decode_interleaved(sample: RawSample, corpus: CorpusConfig) -> Document:
             document.dropped_images["over_max_images"] += 1
             continue
         image = decode_image(sample.members[image_name.lower()])
-        if min(image.size) < corpus.min_image_size:
-            document.dropped_images["small_image"] += 1
+        reason = _unusable_image(image, corpus)
+        if reason is not None:
+            document.dropped_images[reason] += 1
             continue
         document.parts.append(image)
         kept_images += 1
@@ -166,10 +205,7 @@ def decode_instruction(sample: RawSample, corpus: CorpusConfig) -> Document:
     "output": ...}` (multimodal fine-tuning such as ScienceQA), read as it is, then the output."""
     if "json" not in sample.members:
         raise SkipSample("invalid_json", "no .json member")
-    try:
-        triple = json.loads(sample.members["json"])
-    except ValueError as error:
-        raise SkipSample("invalid_json", str(error)) from None
+    triple = load_json(sample.members["json"])
     if not isinstance(triple, dict):
         raise SkipSample("invalid_json", 'expected {"instruction": ..., "input": ..., "output": ...}')
     if "texts" in triple or "images" in triple:
@@ -181,6 +217,8 @@ def decode_instruction(sample: RawSample, corpus: CorpusConfig) -> Document:
     }
     if not all(isinstance(value, str) for value in fields.values()):
         raise SkipSample("invalid_json", "instruction, input and output must be strings")
+    for value in fields.values():
+        check_unicode(value)
     if not fields["instruction"].strip() or not fields["output"].strip():
         raise SkipSample("empty_text", "an instruction or output is empty")
     return instruction_parts(**fields)
@@ -191,6 +229,7 @@ def _interleaved_prompt(sample: RawSample, corpus: CorpusConfig, output: object)
         raise SkipSample("invalid_json", "the output must be a string")
     if not output.strip():
         raise SkipSample("empty_text", "the output is empty")
+    check_unicode(output)
     document = decode_interleaved(sample, corpus)
     document.parts.append(output.strip())
     document.learn = [False] * (len(document.parts) - 1) + [True]
