@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 from collections import Counter, defaultdict
@@ -203,7 +204,7 @@ def test_candidates_differ_by_visible_steps():
     for p in PUZZLES[:1000]:
         for attribute, gap in raven.MIN_GAP.items():
             values = sorted({getattr(c, attribute) for c in p.candidates})
-            assert all(b - a >= gap for a, b in zip(values, values[1:])), (attribute, values)
+            assert all(b - a >= gap for a, b in itertools.pairwise(values)), (attribute, values)
 
 
 def test_every_rule_is_used():
@@ -379,6 +380,9 @@ def test_results_and_report_give_the_baselines_on_the_same_puzzles(tmp_path):
     }
     assert entry["baselines"] == pytest.approx({"chance": 100 / 6, **expected})
     assert entry["value"] == pytest.approx(100 * sum(p.answer == 0 for p in puzzles) / 60)
-    assert json.loads((tmp_path / "out/results.json").read_text())["results"][0]["baselines"] == entry["baselines"]
+    assert (
+        json.loads((tmp_path / "out/results.json").read_text())["results"][0]["baselines"]
+        == entry["baselines"]
+    )
     report = (tmp_path / "out/report.md").read_text()
     assert f"- raven: chance 16.67, candidates_only {expected['candidates_only']:.2f}" in report
