@@ -56,6 +56,7 @@ CAPACITY = {"layout": SLOTS, "shape": 5, "size": 4, "colour": 5}
 DEFAULT_CANDIDATES = 6
 COUNT_WORDS = {3: "three", 4: "four", 8: "eight"}
 MAX_CONTEXT_DRAWS = 10_000
+BALANCE_DRAWS = 300
 
 
 @dataclass(frozen=True)
@@ -241,12 +242,27 @@ def _position_rows(rule: str, target: frozenset[int], rng: random.Random) -> tup
     return _latin_rows(target, distinct[1:], rng), "distribute_three"
 
 
+def _seen(rows: Matrix, value) -> int:
+    """How often the context (all cells but the last) shows `value`; a slot set also counts the
+    panels with as many shapes, as a solver copying the context would count them."""
+    cells = [cell for row in rows for cell in row][:8]
+    if isinstance(value, frozenset):
+        return sum(cell == value for cell in cells) + sum(len(cell) == len(value) for cell in cells)
+    return cells.count(value)
+
+
 def _context_rows(
-    attribute: str, layout_on: str, target, others: Sequence, rng: random.Random
+    attribute: str, layout_on: str, target, values: Sequence, rng: random.Random
 ) -> tuple[Matrix, str]:
-    """Rows under a random rule that end in `target` and that no rule completes with any of `others`."""
+    """Rows under a random rule that end in `target` and that no rule completes with any other of
+    `values`. The target is made as likely as any other value to be the most seen in the context, the
+    second most seen, and so on (never tied with another), so that copying the context finds the answer
+    at chance rate; with many values that rank cannot always be reached, and after `BALANCE_DRAWS`
+    draws it is dropped."""
+    others = [v for v in values if v != target]
+    rank = rng.randrange(len(values))
     explained: Callable[[Matrix], bool]
-    for _ in range(MAX_CONTEXT_DRAWS):
+    for draw in range(MAX_CONTEXT_DRAWS):
         if attribute == "layout" and layout_on == "position":
             made = _position_rows(rng.choice(RULES), target, rng)
             explained = _layout_explained
@@ -259,6 +275,12 @@ def _context_rows(
         if made is None:
             continue
         rows, rule = made
+        if draw < BALANCE_DRAWS:
+            # A tie would leave the rank to the solver's own tie-break, so there are none.
+            seen = _seen(rows, target)
+            others_seen = [_seen(rows, v) for v in others]
+            if seen in others_seen or sum(n > seen for n in others_seen) != rank:
+                continue
         if not any(explained(rows[:2] + [rows[2][:2] + [other]]) for other in others):
             return rows, rule
     raise RuntimeError(f"no context rows for {attribute} ending in {target} but not in {others}")
@@ -270,8 +292,9 @@ def _context(
     """Eight context panels whose rules lead to the `answer` values and to none of the other `values`."""
     grids, rules = {}, {}
     for attribute, target in zip(ATTRIBUTES, answer):
-        others = [v for v in values[attribute] if v != target]
-        grids[attribute], rules[attribute] = _context_rows(attribute, layout_on, target, others, rng)
+        grids[attribute], rules[attribute] = _context_rows(
+            attribute, layout_on, target, values[attribute], rng
+        )
     rules["layout"] = f"{layout_on} {rules['layout']}"
     context = []
     for r, c in itertools.product(range(3), range(3)):
