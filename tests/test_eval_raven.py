@@ -181,9 +181,19 @@ def test_candidate_only_solvers_score_at_chance():
         assert_at_chance(name, [solve(p.candidates) for p in PUZZLES], PUZZLES)
 
 
-def test_the_same_test_flags_solvers_that_read_the_context():
-    # The binomial test has the power to see an edge: copying the context's values has one.
-    hits = sum(raven.context_copy_choice(p.context, p.candidates) == p.answer for p in PUZZLES)
+def test_copying_the_context_gains_next_to_nothing():
+    picks = [raven.context_copy_choice(p.context, p.candidates) for p in PUZZLES]
+    assert_at_chance("context copy", picks, PUZZLES)
+
+
+def test_the_same_test_flags_a_little_reasoning():
+    # The binomial test has the power to see a small edge: assuming that every attribute is constant
+    # along rows (the candidate sharing the most values with the last row) is right a little more often.
+    def assume_constant(puzzle):
+        last_row = Counter(key for panel in puzzle.context[6:] for key in value_keys(panel))
+        return argmax([sum(last_row[key] for key in value_keys(c)) for c in puzzle.candidates])
+
+    hits = sum(assume_constant(p) == p.answer for p in PUZZLES)
     assert binomial_tail(hits, len(PUZZLES), CHANCE) < ALPHA
 
 

@@ -216,15 +216,26 @@ def _difference_parts(target: frozenset[int], rng: random.Random) -> tuple[froze
     return target | taken, removed
 
 
-def _position_rows(rule: str, target: frozenset[int], rng: random.Random) -> tuple[Matrix, str] | None:
-    """Three rows of slot sets following `rule` whose last set is `target`; None if it cannot."""
+def _position_rows(
+    rule: str, target: frozenset[int], candidates: Sequence[frozenset[int]], rng: random.Random
+) -> tuple[Matrix, str] | None:
+    """Three rows of slot sets following `rule` whose last set is `target`; None if it cannot. The
+    first two rows draw half their free sets from the `candidates`, so that slot sets of wrong
+    candidates are seen in the context too."""
+
+    def free(least: int = 1, most: int = SLOTS) -> frozenset[int]:
+        fitting = [c for c in candidates if least <= len(c) <= most]
+        if fitting and rng.random() < 0.5:
+            return rng.choice(fitting)
+        return _random_slots(rng.randint(least, most), rng)
+
     if rule == "constant":
-        return [[s] * 3 for s in (_any_slots(rng), _any_slots(rng), target)], "constant"
+        return [[s] * 3 for s in (free(), free(), target)], "constant"
     if rule == "progression":
         step = rng.choice((-2, -1, 1, 2))
         if _shifted(target, step) == target:  # all nine slots: a shift would change nothing
             return None
-        firsts = [_any_slots(rng, SLOTS - 1), _any_slots(rng, SLOTS - 1), _shifted(target, -2 * step)]
+        firsts = [free(most=SLOTS - 1), free(most=SLOTS - 1), _shifted(target, -2 * step)]
         return [[f, _shifted(f, step), _shifted(f, 2 * step)] for f in firsts], f"progression {step:+d}"
     if rule == "arithmetic":
         union = rng.random() < 0.5
@@ -232,11 +243,11 @@ def _position_rows(rule: str, target: frozenset[int], rng: random.Random) -> tup
             return None
         parts = _union_parts if union else _difference_parts
         counts = (2, SLOTS) if union else (1, SLOTS - 1)
-        results = [_random_slots(rng.randint(*counts), rng) for _ in range(2)] + [target]
+        results = [free(*counts), free(*counts), target]
         return [[*parts(c, rng), c] for c in results], "arithmetic " + ("union" if union else "difference")
     distinct = [target]
     while len(distinct) < 3:
-        slots = _any_slots(rng)
+        slots = free()
         if slots not in distinct:
             distinct.append(slots)
     return _latin_rows(target, distinct[1:], rng), "distribute_three"
@@ -264,7 +275,7 @@ def _context_rows(
     explained: Callable[[Matrix], bool]
     for draw in range(MAX_CONTEXT_DRAWS):
         if attribute == "layout" and layout_on == "position":
-            made = _position_rows(rng.choice(RULES), target, rng)
+            made = _position_rows(rng.choice(RULES), target, values, rng)
             explained = _layout_explained
         else:
             rules = SHAPE_RULES if attribute == "shape" else RULES
