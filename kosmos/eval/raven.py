@@ -18,6 +18,10 @@ drawn, attribute by attribute, until its rules lead to the answer's values and t
 candidates' values. Every candidate set is thus as likely under each choice of answer, so any
 function of the candidates alone finds the answer at chance rate, and exactly one candidate is
 explained by the rules (checked for every puzzle).
+
+The context is also drawn so that the answer's value of an attribute is as likely as each other
+candidate value to be the one the context shows the most, the second most, and so on: copying what
+the context shows, without inferring a rule, then gains next to nothing over chance.
 """
 
 from __future__ import annotations
@@ -151,10 +155,6 @@ def candidate_is_correct(context: Sequence[Panel], candidate: Panel) -> bool:
 
 def _random_slots(count: int, rng: random.Random) -> frozenset[int]:
     return frozenset(rng.sample(range(SLOTS), count))
-
-
-def _any_slots(rng: random.Random, most: int = SLOTS) -> frozenset[int]:
-    return _random_slots(rng.randint(1, most), rng)
 
 
 def _latin_rows(target, others: Sequence, rng: random.Random) -> Matrix:
@@ -354,7 +354,7 @@ def _candidate_values(attribute: str, count: int, layout_on: str, rng: random.Ra
     """`count` values of `attribute`, drawn without regard to which will be the answer's."""
     if attribute == "layout" and layout_on == "position":
         while True:
-            base = _any_slots(rng)
+            base = _random_slots(rng.randint(1, SLOTS), rng)
             toggled = [base ^ {s} for s in rng.sample(range(SLOTS), SLOTS)]
             sets = [s for s in toggled if s]
             if len(sets) >= count:
@@ -454,8 +454,9 @@ def render_panel(panel: Panel, size: int = 160) -> Image.Image:
     """The panel as a white RGB image with a black frame; shapes filled grey, outlined black."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
-    line = max(1, size // 80)
-    draw.rectangle([0, 0, size - 1, size - 1], outline="black", width=line)
+    draw.rectangle([0, 0, size - 1, size - 1], outline="black", width=max(1, size // 80))
+    # Thin outlines leave the smallest shapes' grey plain to see.
+    line = max(1, size // 160)
     margin = size * 0.05
     slot = (size - 2 * margin) / 3
     grey = round(255 * (1 - panel.colour / (NUM_COLOURS - 1)))
