@@ -14,7 +14,7 @@ from kosmos.eval.datasets import load_image, load_samples
 from kosmos.eval.harness import EvalOptions, evaluate
 from kosmos.eval.tasks import load_task
 
-# Attribute-level puzzles for the statistics (generation takes well under a second per thousand).
+# Attribute-level puzzles for the statistics; only samples are rendered.
 PUZZLES = raven.generate_puzzles(4000, seed=7)
 EVAL_IMAGE_SIZE = load_task("raven_generated").data.eval.image_size
 CHANCE = 1 / raven.DEFAULT_CANDIDATES
