@@ -242,7 +242,9 @@ def _rendered_sst2(split: SplitConfig, root: Path, key: str) -> list[Sample]:
     ]
 
 
-def _raven_sample(pid: str, context: list[ImageRef], candidates: list[ImageRef], answer: int) -> Sample:
+def _raven_sample(
+    pid: str, context: list[ImageRef], candidates: list[ImageRef], answer: int, meta: dict | None = None
+) -> Sample:
     if len(context) not in raven.COUNT_WORDS:
         raise ConfigError(f"puzzle {pid}: {len(context)} context images (3, 4 or 8 expected)")
     return Sample(
@@ -251,6 +253,7 @@ def _raven_sample(pid: str, context: list[ImageRef], candidates: list[ImageRef],
         {"count": raven.COUNT_WORDS[len(context)]},
         choices=[str(i) for i in range(len(candidates))],
         answer=answer,
+        meta=meta or {},
     )
 
 
@@ -279,9 +282,20 @@ def _raven_generated(split: SplitConfig, root: Path, key: str) -> list[Sample]:
     def panels(ps):
         return [functools.partial(raven.render_panel, p, split.image_size) for p in ps]
 
-    puzzles = raven.generate_puzzles(split.count, split.seed)
+    try:
+        raven.check_candidate_count(split.candidates)
+    except ValueError as error:
+        raise ConfigError(f"{key}.candidates: {error}") from None
+    puzzles = raven.generate_puzzles(split.count, split.seed, split.candidates)
+    # The baselines' choices travel with each sample so that they are scored on the same puzzles.
     return [
-        _raven_sample(f"{split.seed}-{n:05d}", panels(p.context), panels(p.candidates), p.answer)
+        _raven_sample(
+            f"{split.seed}-{n:05d}",
+            panels(p.context),
+            panels(p.candidates),
+            p.answer,
+            {"baselines": raven.baseline_choices(p)},
+        )
         for n, p in enumerate(puzzles)
     ]
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from kosmos.config import ConfigError, to_dict
 from kosmos.eval.datasets import Sample, load_samples
 from kosmos.eval.demos import SCHEMES, build_selector
-from kosmos.eval.metrics import MetricResult, bootstrap_ci, compute_metrics
+from kosmos.eval.metrics import MetricResult, baseline_scores, bootstrap_ci, compute_metrics
 from kosmos.eval.report import write_report
 from kosmos.eval.runners import run_batch
 from kosmos.eval.tasks import TaskConfig, load_task, task_path
@@ -237,6 +237,9 @@ def score(run: Run, records: list[dict], options: EvalOptions, checkpoint: str) 
         "num_samples": len(records),
         "config": to_dict(task),
     }
+    baselines = baseline_scores(records)
+    if baselines:
+        base["baselines"] = baselines
     rows = []
     for result in results:
         rows.append({**base, **_metric_fields(result, options), "per_sample": result.per_sample})
@@ -278,6 +281,8 @@ def summarize(rows: Sequence[dict], options: EvalOptions) -> list[dict]:
             "trials": len(members),
             "demos": members[0]["demos"],
         }
+        if "baselines" in members[0]:
+            entry["baselines"] = members[0]["baselines"]
         if not values:
             entry.update(value=None, std=None, ci=None, unavailable=members[0].get("unavailable"))
         else:

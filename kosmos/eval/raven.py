@@ -3,33 +3,43 @@
 A puzzle is a 3x3 grid of panels with the last one missing. Each panel holds identical shapes placed
 on a 3x3 grid of slots; four attributes vary over the grid:
 - layout: the number of shapes, or the set of occupied slots (one of the two carries a rule);
-- shape (triangle, square, pentagon, hexagon, circle), size (6 levels), colour (10 grey levels).
+- shape (triangle, square, pentagon, hexagon, circle), size (the drawn radius, 3 to 9 tenths of half
+  a slot) and colour (darkness 0 = white to 9 = black, in equal grey steps).
 Each attribute follows one rule along every row: constant, progression (+-1 or +-2 per column),
-arithmetic (third = first + second, or first - second; union or difference of slot sets) or
-distribute-three (three values, each row a cyclic shift of the first, so every column holds them all).
+arithmetic (third = first + second, or first - second, on the drawn radii and grey levels; union or
+difference of slot sets) or distribute-three (three values, each row a cyclic shift of the first, so
+every column holds them all).
 
-The eight candidates are built as in I-RAVEN: three of the four attributes get one wrong value each,
-and the candidates are the 2^3 combinations of right and wrong values. Every right and every wrong
-value then appears in exactly four candidates, so nothing about the candidates alone (such as the most
-common value) points to the answer: the context has to be read. Every puzzle is checked to have
-exactly one candidate that any rule of the family explains, and the answer's place is uniform.
+The candidates are made before the context, so that nothing about them can point to the answer: the
+number of candidates is split into prime factors, each factor goes to its own attribute, that
+attribute gets that many values (far enough apart to tell at sight), and the candidates are all
+combinations of those values. The answer is one of them drawn uniformly, and the context is then
+drawn, attribute by attribute, until its rules lead to the answer's values and to none of the other
+candidates' values. Every candidate set is thus as likely under each choice of answer, so any
+function of the candidates alone finds the answer at chance rate, and exactly one candidate is
+explained by the rules (checked for every puzzle).
+
+The context is also drawn so that the answer's value of an attribute is as likely as each other
+candidate value to be the one the context shows the most, the second most, and so on: copying what
+the context shows, without inferring a rule, then gains next to nothing over chance.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 SHAPES = ("triangle", "square", "pentagon", "hexagon", "circle")
-SIZES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # shape radius as a fraction of half a slot
-NUM_COLOURS = 10  # 0 is white, 9 black
+NUM_COLOURS = 10  # darkness 0 is white, 9 black
 SLOTS = 9
 RULES = ("constant", "progression", "arithmetic", "distribute_three")
 # Arithmetic over shape kinds has no meaning, so shapes never get that rule.
@@ -38,10 +48,19 @@ ATTRIBUTES = ("layout", "shape", "size", "colour")
 VALUE_RANGES = {
     "number": (1, SLOTS),
     "shape": (0, len(SHAPES) - 1),
-    "size": (0, len(SIZES) - 1),
+    "size": (3, 9),  # radius in tenths of half a slot, so that sizes add as drawn
     "colour": (0, NUM_COLOURS - 1),
 }
+# The least difference between two candidates' values of an attribute: two size steps are 1/5 of a
+# slot's radius, two grey steps 57 of 255 levels, both plain at the default 160-pixel panels.
+MIN_GAP = {"number": 1, "shape": 1, "size": 2, "colour": 2}
+# How many values far enough apart each attribute can give the candidates (a layout: nine numbers,
+# or nine slot sets that each toggle one slot of a common set).
+CAPACITY = {"layout": SLOTS, "shape": 5, "size": 4, "colour": 5}
+DEFAULT_CANDIDATES = 6
 COUNT_WORDS = {3: "three", 4: "four", 8: "eight"}
+MAX_CONTEXT_DRAWS = 10_000
+BALANCE_DRAWS = 300
 
 
 @dataclass(frozen=True)
@@ -64,53 +83,12 @@ class RavenPuzzle:
     rules: dict[str, str]  # attribute -> rule, e.g. {"layout": "number progression +1", ...}
 
 
-# --- rules over integer values ----------------------------------------------------------------------
+# --- rule checks ---------------------------------------------------------------------------------------
 
-Matrix = list[list[int]]
-
-
-def _progression_rows(lo: int, hi: int, rng: random.Random) -> tuple[Matrix, str] | None:
-    step = rng.choice((-2, -1, 1, 2))
-    starts = [a for a in range(lo, hi + 1) if lo <= a + 2 * step <= hi]
-    if not starts:
-        return None
-    rows = [[a, a + step, a + 2 * step] for a in (rng.choice(starts) for _ in range(3))]
-    return rows, f"progression {step:+d}"
+Matrix = list[list]
 
 
-def _arithmetic_rows(lo: int, hi: int, rng: random.Random) -> tuple[Matrix, str] | None:
-    # The second operand is at least 1 so the rule never degenerates into a constant.
-    plus = rng.random() < 0.5
-    pairs = [
-        (a, b)
-        for a in range(lo, hi + 1)
-        for b in range(max(lo, 1), hi + 1)
-        if lo <= (a + b if plus else a - b) <= hi
-    ]
-    if not pairs:
-        return None
-    rows = [[a, b, a + b if plus else a - b] for a, b in (rng.choice(pairs) for _ in range(3))]
-    return rows, "arithmetic " + ("plus" if plus else "minus")
-
-
-def _distribute_three_rows(values: Sequence, rng: random.Random) -> tuple[list[list], str]:
-    first = rng.sample(list(values), 3)
-    shift = rng.choice((1, 2))
-    rows = [first[(r * shift) % 3 :] + first[: (r * shift) % 3] for r in range(3)]
-    return rows, "distribute_three"
-
-
-def _value_rows(rule: str, lo: int, hi: int, rng: random.Random) -> tuple[Matrix, str] | None:
-    if rule == "constant":
-        return [[v] * 3 for v in (rng.randint(lo, hi) for _ in range(3))], "constant"
-    if rule == "progression":
-        return _progression_rows(lo, hi, rng)
-    if rule == "arithmetic":
-        return _arithmetic_rows(lo, hi, rng)
-    return _distribute_three_rows(range(lo, hi + 1), rng)
-
-
-def _is_latin(rows: list[list]) -> bool:
+def _is_latin(rows: Matrix) -> bool:
     """Distribute-three: three distinct values, the same in every row, all three in every column."""
     values = set(rows[0])
     return (
@@ -151,97 +129,9 @@ def positions_explained(rows: list[list[frozenset[int]]]) -> bool:
     return _is_latin(rows)
 
 
-def _random_slots(count: int, rng: random.Random) -> frozenset[int]:
-    return frozenset(rng.sample(range(SLOTS), count))
-
-
-def _position_rows(rule: str, rng: random.Random) -> tuple[list[list[frozenset[int]]], str] | None:
-    if rule == "constant":
-        return [
-            [s] * 3 for s in (_random_slots(rng.randint(1, SLOTS - 1), rng) for _ in range(3))
-        ], "constant"
-    if rule == "progression":
-        step = rng.choice((-2, -1, 1, 2))
-        rows = []
-        for _ in range(3):
-            first = _random_slots(rng.randint(1, SLOTS - 1), rng)
-            rows.append([first, _shifted(first, step), _shifted(first, 2 * step)])
-        return rows, f"progression {step:+d}"
-    if rule == "arithmetic":
-        plus = rng.random() < 0.5
-        rows = []
-        for _ in range(3):
-            while True:
-                a, b = _random_slots(rng.randint(1, 5), rng), _random_slots(rng.randint(1, 4), rng)
-                c = a | b if plus else a - b
-                if c and c != a and a != b:
-                    rows.append([a, b, c])
-                    break
-        return rows, "arithmetic " + ("union" if plus else "difference")
-    distinct = set()
-    while len(distinct) < 3:
-        distinct.add(_random_slots(rng.randint(1, SLOTS - 1), rng))
-    return _distribute_three_rows(sorted(distinct, key=sorted), rng)
-
-
-# --- puzzles -----------------------------------------------------------------------------------------
-
-
-def _grid_attributes(rng: random.Random) -> tuple[list[list[dict]], dict[str, str], str]:
-    """Nine panels' attribute values (rows of dicts) following one random rule per attribute."""
-    layout_on = rng.choice(("number", "position"))
-    while True:
-        rules: dict[str, str] = {}
-        columns: dict[str, list] = {}
-        for name in ("shape", "size", "colour"):
-            lo, hi = VALUE_RANGES[name]
-            made = _value_rows(rng.choice(SHAPE_RULES if name == "shape" else RULES), lo, hi, rng)
-            if made is None:
-                break
-            columns[name], rules[name] = made
-        else:
-            made = (
-                _value_rows(rng.choice(RULES), *VALUE_RANGES["number"], rng)
-                if layout_on == "number"
-                else _position_rows(rng.choice(RULES), rng)
-            )
-            if made is not None:
-                columns["layout"], rule = made
-                rules["layout"] = f"{layout_on} {rule}"
-                break
-    grid = []
-    for r in range(3):
-        row = []
-        for c in range(3):
-            layout = columns["layout"][r][c]
-            slots = _random_slots(layout, rng) if layout_on == "number" else layout
-            row.append(
-                {
-                    "slots": slots,
-                    "shape": columns["shape"][r][c],
-                    "size": columns["size"][r][c],
-                    "colour": columns["colour"][r][c],
-                }
-            )
-        grid.append(row)
-    return grid, rules, layout_on
-
-
-def _panel(values: dict) -> Panel:
-    return Panel(tuple(sorted(values["slots"])), values["shape"], values["size"], values["colour"])
-
-
-def _wrong_value(attribute: str, right: dict, layout_on: str, rng: random.Random) -> dict:
-    if attribute == "layout":
-        if layout_on == "number":
-            count = rng.choice([n for n in range(1, SLOTS + 1) if n != len(right["slots"])])
-            return {"slots": _random_slots(count, rng)}
-        while True:
-            slots = _random_slots(rng.randint(1, SLOTS), rng)
-            if slots != right["slots"]:
-                return {"slots": slots}
-    lo, hi = VALUE_RANGES[attribute]
-    return {attribute: rng.choice([v for v in range(lo, hi + 1) if v != right[attribute]])}
+def _layout_explained(rows: list[list[frozenset[int]]]) -> bool:
+    """The layout is explained by a rule on the positions or on the number of shapes."""
+    return positions_explained(rows) or values_explained([[len(s) for s in r] for r in rows])
 
 
 def candidate_is_correct(context: Sequence[Panel], candidate: Panel) -> bool:
@@ -257,36 +147,292 @@ def candidate_is_correct(context: Sequence[Panel], candidate: Panel) -> bool:
     for name in ("size", "colour"):
         if not values_explained([[getattr(p, name) for p in row] for row in rows]):
             return False
-    return values_explained([[p.number for p in row] for row in rows]) or positions_explained(
-        [[frozenset(p.positions) for p in row] for row in rows]
+    return _layout_explained([[frozenset(p.positions) for p in row] for row in rows])
+
+
+# --- context rows that end in a given value ------------------------------------------------------------
+
+
+def _random_slots(count: int, rng: random.Random) -> frozenset[int]:
+    return frozenset(rng.sample(range(SLOTS), count))
+
+
+def _latin_rows(target, others: Sequence, rng: random.Random) -> Matrix:
+    """Distribute-three rows over `target` and two of `others`, with `target` in the last cell."""
+    shift = rng.choice((1, 2))
+    first = rng.sample(list(others), 2)
+    # Row r, column c holds first[(c + r * shift) % 3], so the last cell holds first[(2 + 2 * shift) % 3].
+    first.insert((2 + 2 * shift) % 3, target)
+    return [first[(r * shift) % 3 :] + first[: (r * shift) % 3] for r in range(3)]
+
+
+def _value_rows(rule: str, attribute: str, target: int, rng: random.Random) -> tuple[Matrix, str] | None:
+    """Three rows of integer values following `rule` whose last value is `target`; None if it cannot."""
+    lo, hi = VALUE_RANGES[attribute]
+    if rule == "constant":
+        return [[c] * 3 for c in (rng.randint(lo, hi), rng.randint(lo, hi), target)], "constant"
+    if rule == "progression":
+        steps = [s for s in (-2, -1, 1, 2) if lo <= target - 2 * s <= hi]
+        if not steps:
+            return None
+        step = rng.choice(steps)
+        starts = [a for a in range(lo, hi + 1) if lo <= a + 2 * step <= hi]
+        firsts = [rng.choice(starts), rng.choice(starts), target - 2 * step]
+        return [[a, a + step, a + 2 * step] for a in firsts], f"progression {step:+d}"
+    if rule == "arithmetic":
+        plus = rng.random() < 0.5
+
+        def result(a: int, b: int) -> int:
+            return a + b if plus else a - b
+
+        # The second operand is at least 1 so the rule never degenerates into a constant.
+        pairs = [
+            (a, b) for a in range(lo, hi + 1) for b in range(max(lo, 1), hi + 1) if lo <= result(a, b) <= hi
+        ]
+        ending = [p for p in pairs if result(*p) == target]
+        if not ending:
+            return None
+        rows = [[a, b, result(a, b)] for a, b in (rng.choice(pairs), rng.choice(pairs), rng.choice(ending))]
+        return rows, "arithmetic " + ("plus" if plus else "minus")
+    return _latin_rows(target, [v for v in range(lo, hi + 1) if v != target], rng), "distribute_three"
+
+
+def _union_parts(target: frozenset[int], rng: random.Random) -> tuple[frozenset[int], frozenset[int]]:
+    """Two sets whose union is `target`, each holding something the other lacks (|target| >= 2)."""
+    while True:
+        # Each slot goes to the first set, the second or both.
+        sides = {s: rng.randrange(3) for s in target}
+        a = frozenset(s for s, side in sides.items() if side != 1)
+        b = frozenset(s for s, side in sides.items() if side != 0)
+        if a != target and b != target:
+            return a, b
+
+
+def _difference_parts(target: frozenset[int], rng: random.Random) -> tuple[frozenset[int], frozenset[int]]:
+    """a, b with a - b == target and b taking something away from a (target not all slots)."""
+    outside = [s for s in range(SLOTS) if s not in target]
+    removed = frozenset(rng.sample(outside, rng.randint(1, len(outside))))
+    taken = frozenset(rng.sample(sorted(removed), rng.randint(1, len(removed))))
+    return target | taken, removed
+
+
+def _position_rows(
+    rule: str, target: frozenset[int], candidates: Sequence[frozenset[int]], rng: random.Random
+) -> tuple[Matrix, str] | None:
+    """Three rows of slot sets following `rule` whose last set is `target`; None if it cannot. The
+    first two rows draw half their free sets from the `candidates`, so that slot sets of wrong
+    candidates are seen in the context too."""
+
+    def free(least: int = 1, most: int = SLOTS) -> frozenset[int]:
+        fitting = [c for c in candidates if least <= len(c) <= most]
+        if fitting and rng.random() < 0.5:
+            return rng.choice(fitting)
+        return _random_slots(rng.randint(least, most), rng)
+
+    if rule == "constant":
+        return [[s] * 3 for s in (free(), free(), target)], "constant"
+    if rule == "progression":
+        step = rng.choice((-2, -1, 1, 2))
+        if _shifted(target, step) == target:  # all nine slots: a shift would change nothing
+            return None
+        firsts = [free(most=SLOTS - 1), free(most=SLOTS - 1), _shifted(target, -2 * step)]
+        return [[f, _shifted(f, step), _shifted(f, 2 * step)] for f in firsts], f"progression {step:+d}"
+    if rule == "arithmetic":
+        union = rng.random() < 0.5
+        if len(target) < 2 if union else len(target) == SLOTS:
+            return None
+        parts = _union_parts if union else _difference_parts
+        counts = (2, SLOTS) if union else (1, SLOTS - 1)
+        results = [free(*counts), free(*counts), target]
+        return [[*parts(c, rng), c] for c in results], "arithmetic " + ("union" if union else "difference")
+    distinct = [target]
+    while len(distinct) < 3:
+        slots = free()
+        if slots not in distinct:
+            distinct.append(slots)
+    return _latin_rows(target, distinct[1:], rng), "distribute_three"
+
+
+def _seen(rows: Matrix, value) -> int:
+    """How often the context (all cells but the last) shows `value`; a slot set also counts the
+    panels with as many shapes, as a solver copying the context would count them."""
+    cells = [cell for row in rows for cell in row][:8]
+    if isinstance(value, frozenset):
+        return sum(cell == value for cell in cells) + sum(len(cell) == len(value) for cell in cells)
+    return cells.count(value)
+
+
+def _context_rows(
+    attribute: str, layout_on: str, target, values: Sequence, rng: random.Random
+) -> tuple[Matrix, str]:
+    """Rows under a random rule that end in `target` and that no rule completes with any other of
+    `values`. The target is made as likely as any other value to be the most seen in the context, the
+    second most seen, and so on (never tied with another), so that copying the context finds the answer
+    at chance rate; with many values that rank cannot always be reached, and after `BALANCE_DRAWS`
+    draws it is dropped."""
+    others = [v for v in values if v != target]
+    rank = rng.randrange(len(values))
+    explained: Callable[[Matrix], bool]
+    for draw in range(MAX_CONTEXT_DRAWS):
+        if attribute == "layout" and layout_on == "position":
+            made = _position_rows(rng.choice(RULES), target, values, rng)
+            explained = _layout_explained
+        else:
+            rules = SHAPE_RULES if attribute == "shape" else RULES
+            made = _value_rows(
+                rng.choice(rules), "number" if attribute == "layout" else attribute, target, rng
+            )
+            explained = functools.partial(values_explained, rules=rules)
+        if made is None:
+            continue
+        rows, rule = made
+        if draw < BALANCE_DRAWS:
+            # A tie would leave the rank to the solver's own tie-break, so there are none.
+            seen = _seen(rows, target)
+            others_seen = [_seen(rows, v) for v in others]
+            if seen in others_seen or sum(n > seen for n in others_seen) != rank:
+                continue
+        if not any(explained(rows[:2] + [rows[2][:2] + [other]]) for other in others):
+            return rows, rule
+    raise RuntimeError(f"no context rows for {attribute} ending in {target} but not in {others}")
+
+
+def _context(
+    answer: tuple, values: dict[str, list], layout_on: str, rng: random.Random
+) -> tuple[list[Panel], dict[str, str]]:
+    """Eight context panels whose rules lead to the `answer` values and to none of the other `values`."""
+    grids, rules = {}, {}
+    for attribute, target in zip(ATTRIBUTES, answer):
+        grids[attribute], rules[attribute] = _context_rows(
+            attribute, layout_on, target, values[attribute], rng
+        )
+    rules["layout"] = f"{layout_on} {rules['layout']}"
+    context = []
+    for r, c in itertools.product(range(3), range(3)):
+        layout, shape, size, colour = (grids[a][r][c] for a in ATTRIBUTES)
+        slots = _random_slots(layout, rng) if layout_on == "number" else layout
+        context.append(Panel(tuple(sorted(slots)), shape, size, colour))
+    return context[:8], rules
+
+
+# --- candidates and puzzles ------------------------------------------------------------------------------
+
+
+def _prime_factors(n: int) -> list[int]:
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return factors
+
+
+def check_candidate_count(count: int) -> None:
+    """Raise ValueError unless `count` candidates can be made: each prime factor of the count needs an
+    attribute of its own with that many values (layout 9, shape 5, size 4, colour 5)."""
+    factors = sorted(_prime_factors(count), reverse=True)
+    capacities = sorted(CAPACITY.values(), reverse=True)
+    if count < 2 or len(factors) > len(capacities) or any(f > c for f, c in zip(factors, capacities)):
+        raise ValueError(
+            f"{count} candidates cannot be made: the count must be at least 2 and its prime factors "
+            f"must go to distinct attributes with that many values ({CAPACITY})"
+        )
+
+
+def _varied_attributes(count: int, rng: random.Random) -> dict[str, int]:
+    """The attributes in which the candidates differ, each with its number of values (product: count)."""
+    check_candidate_count(count)
+    varied: dict[str, int] = {}
+    for factor in sorted(_prime_factors(count), reverse=True):
+        free = [a for a in ATTRIBUTES if a not in varied and CAPACITY[a] >= factor]
+        varied[rng.choice(free)] = factor
+    return varied
+
+
+def _candidate_values(attribute: str, count: int, layout_on: str, rng: random.Random) -> list:
+    """`count` values of `attribute`, drawn without regard to which will be the answer's."""
+    if attribute == "layout" and layout_on == "position":
+        while True:
+            base = _random_slots(rng.randint(1, SLOTS), rng)
+            toggled = [base ^ {s} for s in rng.sample(range(SLOTS), SLOTS)]
+            sets = [s for s in toggled if s]
+            if len(sets) >= count:
+                return sets[:count]
+    name = "number" if attribute == "layout" else attribute
+    lo, hi = VALUE_RANGES[name]
+    while True:
+        values = sorted(rng.sample(range(lo, hi + 1), count))
+        if all(b - a >= MIN_GAP[name] for a, b in itertools.pairwise(values)):
+            return values
+
+
+def make_puzzle(rng: random.Random, num_candidates: int = DEFAULT_CANDIDATES) -> RavenPuzzle:
+    """One puzzle with `num_candidates` candidates of which exactly one is correct."""
+    layout_on = rng.choice(("number", "position"))
+    varied = _varied_attributes(num_candidates, rng)
+    values = {a: _candidate_values(a, varied.get(a, 1), layout_on, rng) for a in ATTRIBUTES}
+    # A number layout leaves the slots free: candidates with the same number share them.
+    slots = {v: _random_slots(v, rng) if layout_on == "number" else v for v in values["layout"]}
+    combinations = list(itertools.product(*(values[a] for a in ATTRIBUTES)))
+    rng.shuffle(combinations)
+    candidates = [
+        Panel(tuple(sorted(slots[layout])), shape, size, colour)
+        for layout, shape, size, colour in combinations
+    ]
+    answer = rng.randrange(len(candidates))
+    for _ in range(MAX_CONTEXT_DRAWS):
+        context, rules = _context(combinations[answer], values, layout_on, rng)
+        correct = [candidate_is_correct(context, c) for c in candidates]
+        # The slots of a number layout's context may happen to follow a position rule: draw again.
+        if correct.count(True) == 1 and correct[answer]:
+            return RavenPuzzle(context, candidates, answer, rules)
+    raise RuntimeError("no context with exactly one correct candidate")
+
+
+def generate_puzzles(count: int, seed: int, num_candidates: int = DEFAULT_CANDIDATES) -> list[RavenPuzzle]:
+    rng = random.Random(seed)
+    return [make_puzzle(rng, num_candidates) for _ in range(count)]
+
+
+# --- baselines: what a score means ------------------------------------------------------------------------
+
+
+def _value_keys(panel: Panel) -> tuple:
+    return (
+        ("number", panel.number),
+        ("positions", panel.positions),
+        ("shape", panel.shape),
+        ("size", panel.size),
+        ("colour", panel.colour),
     )
 
 
-def make_puzzle(rng: random.Random) -> RavenPuzzle:
-    """One puzzle with eight candidates of which exactly one is correct."""
-    while True:
-        grid, rules, layout_on = _grid_attributes(rng)
-        right = grid[2][2]
-        context = [_panel(v) for row in grid for v in row][:8]
-        perturbed = rng.sample(ATTRIBUTES, 3)
-        wrong = {a: _wrong_value(a, right, layout_on, rng) for a in perturbed}
-        candidates = []
-        for choice in itertools.product((False, True), repeat=3):
-            values = dict(right)
-            for attribute, use_wrong in zip(perturbed, choice):
-                if use_wrong:
-                    values.update(wrong[attribute])
-            candidates.append(_panel(values))
-        correct = [candidate_is_correct(context, c) for c in candidates]
-        if correct == [True] + [False] * 7:
-            order = list(range(8))
-            rng.shuffle(order)
-            return RavenPuzzle(context, [candidates[i] for i in order], order.index(0), rules)
+def _most_seen(candidates: Sequence[Panel], seen: Counter) -> int:
+    """The candidate whose attribute values are the most frequent in `seen` (the first one on ties)."""
+    scores = [sum(seen[key] for key in _value_keys(c)) for c in candidates]
+    return scores.index(max(scores))
 
 
-def generate_puzzles(count: int, seed: int) -> list[RavenPuzzle]:
-    rng = random.Random(seed)
-    return [make_puzzle(rng) for _ in range(count)]
+def most_common_values_choice(context: Sequence[Panel], candidates: Sequence[Panel]) -> int:
+    """Never reads the context: the candidate sharing the most values with the other candidates
+    (the shortcut that solves the original RAVEN)."""
+    return _most_seen(candidates, Counter(key for c in candidates for key in _value_keys(c)))
+
+
+def context_copy_choice(context: Sequence[Panel], candidates: Sequence[Panel]) -> int:
+    """Infers no rule: the candidate whose attribute values appear the most in the context panels."""
+    return _most_seen(candidates, Counter(key for p in context for key in _value_keys(p)))
+
+
+BASELINES: dict[str, Callable[[Sequence[Panel], Sequence[Panel]], int]] = {
+    "candidates_only": most_common_values_choice,
+    "context_copy": context_copy_choice,
+}
+
+
+def baseline_choices(puzzle: RavenPuzzle) -> dict[str, int]:
+    return {name: choose(puzzle.context, puzzle.candidates) for name, choose in BASELINES.items()}
 
 
 # --- rendering and files --------------------------------------------------------------------------------
@@ -308,15 +454,16 @@ def render_panel(panel: Panel, size: int = 160) -> Image.Image:
     """The panel as a white RGB image with a black frame; shapes filled grey, outlined black."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
-    line = max(1, size // 80)
-    draw.rectangle([0, 0, size - 1, size - 1], outline="black", width=line)
+    draw.rectangle([0, 0, size - 1, size - 1], outline="black", width=max(1, size // 80))
+    # Thin outlines leave the smallest shapes' grey plain to see.
+    line = max(1, size // 160)
     margin = size * 0.05
     slot = (size - 2 * margin) / 3
     grey = round(255 * (1 - panel.colour / (NUM_COLOURS - 1)))
+    radius = panel.size / 10 * slot / 2
     for position in panel.positions:
         row, col = divmod(position, 3)
         cx, cy = margin + (col + 0.5) * slot, margin + (row + 0.5) * slot
-        radius = SIZES[panel.size] * slot / 2
         fill = (grey, grey, grey)
         if SHAPES[panel.shape] == "circle":
             draw.ellipse(
@@ -353,10 +500,14 @@ def write_puzzles(puzzles: Sequence[RavenPuzzle], out_dir: str | Path, panel_siz
 
 
 __all__ = [
+    "BASELINES",
     "COUNT_WORDS",
+    "DEFAULT_CANDIDATES",
     "Panel",
     "RavenPuzzle",
+    "baseline_choices",
     "candidate_is_correct",
+    "check_candidate_count",
     "generate_puzzles",
     "make_puzzle",
     "render_panel",

@@ -71,6 +71,11 @@ def write_report(results: dict, out: Path) -> Path:
     for entry in sorted(summary, key=lambda e: (e["task"], e["metric"], e["shots"])):
         cells = (entry["task"], entry["metric"], entry["shots"], _value(entry), _interval(entry))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    baselines = {e["task"]: e["baselines"] for e in summary if e.get("baselines")}
+    if baselines:
+        lines += ["", "Baselines on the same samples (accuracy):"]
+        for task, scores in sorted(baselines.items()):
+            lines.append(f"- {task}: " + ", ".join(f"{name} {value:.2f}" for name, value in scores.items()))
     if plot_scores(summary, out / "score_vs_shots.png"):
         lines += ["", "![score against shots](score_vs_shots.png)"]
     lines += [

@@ -66,6 +66,8 @@ class SplitConfig:
     count: int = 200
     seed: int = 0
     image_size: int = 160
+    # raven_generated: candidates per puzzle (the paper's test has six).
+    candidates: int = 6
 
 
 @dataclass

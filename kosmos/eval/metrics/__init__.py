@@ -68,6 +68,17 @@ def _correct(records: Sequence[dict]) -> list[bool]:
     return [choice_index(r["prediction"], r.get("choices", [])) == r["answer"] for r in records]
 
 
+def baseline_scores(records: Sequence[dict]) -> dict[str, float]:
+    """Accuracy (percent) on the same samples of chance and of the reference solvers whose choices the
+    samples carry in `meta["baselines"]`; empty when they carry none."""
+    if not records or not all(r.get("meta", {}).get("baselines") for r in records):
+        return {}
+    scores = {"chance": _mean([100.0 / len(r["choices"]) for r in records])}
+    for name in records[0]["meta"]["baselines"]:
+        scores[name] = _mean([100.0 * (r["meta"]["baselines"][name] == r["answer"]) for r in records])
+    return scores
+
+
 def compute_metrics(
     names: Sequence[str], records: Sequence[dict], unanswerable_aliases: Sequence[str] = ()
 ) -> tuple[list[MetricResult], dict[str, str]]:
@@ -121,6 +132,7 @@ def compute_metrics(
 __all__ = [
     "METRICS",
     "MetricResult",
+    "baseline_scores",
     "bootstrap_ci",
     "caption_scores",
     "choice_index",
