@@ -123,7 +123,15 @@ class Resize:
         path, client_state = engine.load_checkpoint(str(self.universal.parent), tag=self.universal.name)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {self.universal}")
+        self._restore_group_settings(engine.optimizer.optimizer)
         return client_state
+
+    def _restore_group_settings(self, optimizer: torch.optim.Optimizer) -> None:
+        # DeepSpeed's ZeRO-3 loader gives every parameter group the settings of the first one (the
+        # weight decay of the matrices would reach biases and norms): set each group's own again.
+        saved = torch.load(self.universal / "zero" / "optimizer_state.pt", weights_only=False)["param_groups"]
+        for group, settings in zip(optimizer.param_groups, saved, strict=True):
+            group.update({key: value for key, value in settings.items() if key != "params"})
 
     def restore_rng(self, seed: int, step: int, rank: int) -> None:
         seed_everything(derived_seed(seed, step, rank))
