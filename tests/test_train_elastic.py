@@ -38,9 +38,24 @@ RECORDING_TRAIN = textwrap.dedent(
     from deepspeed.utils import (
         lazy_init_hp_params_optimizer_state, safe_get_full_fp32_param, safe_get_full_optimizer_state
     )
+    from kosmos.model import KosmosModel
     from kosmos.train.trainer import Trainer
 
     out = os.environ["RECORD_DIR"]
+    build_model = KosmosModel.__init__
+
+    def model_with_other_frozen_weights(self, cfg):
+        # As when the frozen weights a run is built with are not those it trained with (another
+        # CLIP file, or a seed other than the weights it was initialised from): the resume must
+        # bring back the checkpoint's.
+        build_model(self, cfg)
+        with torch.no_grad():
+            for param in self.parameters():
+                if not param.requires_grad:
+                    param.add_(1.0)
+
+    if os.environ.get("OTHER_FROZEN_WEIGHTS"):
+        KosmosModel.__init__ = model_with_other_frozen_weights
     save, resume, train_step = Trainer._save, Trainer._resume, Trainer._train_step
 
     def optimizer_state(trainer):  # a collective: every rank takes part
@@ -118,7 +133,7 @@ def recipe(tmp_path_factory) -> Path:
     return path
 
 
-def train(recipe: Path, run_dir: Path, record: Path, ranks: int, stage: int) -> str:
+def train(recipe: Path, run_dir: Path, record: Path, ranks: int, stage: int, resized: bool = False) -> str:
     record.mkdir(parents=True, exist_ok=True)
     script = record / "recording_train.py"
     script.write_text(RECORDING_TRAIN)
@@ -128,6 +143,8 @@ def train(recipe: Path, run_dir: Path, record: Path, ranks: int, stage: int) -> 
     command += [str(script), "train", "--config", str(recipe), "--run-dir", str(run_dir), *SMALL]
     command += [f"deepspeed.zero_stage={stage}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RECORD_DIR": str(record)}
+    if resized:
+        env["OTHER_FROZEN_WEIGHTS"] = "1"
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -165,7 +182,7 @@ def test_two_ranks_resume_on_one_and_on_three(recipe, tmp_path, stage):
                 tmp_path / "on_1" / "checkpoints" / universal, run_dir / "checkpoints" / universal
             )
         (run_dir / "checkpoints" / "latest").write_text(checkpoint_tag(2))
-        output = train(recipe, run_dir, record, ranks=ranks, stage=stage)
+        output = train(recipe, run_dir, record, ranks=ranks, stage=stage, resized=True)
 
         assert f"written by 2 ranks and resumes at step 2 on {ranks}" in output
         assert ("converted earlier" in output) == (ranks == 3)
@@ -181,6 +198,15 @@ def test_two_ranks_resume_on_one_and_on_three(recipe, tmp_path, stage):
         for name, states in saved["params"].items():
             for key, tensor in states.items():
                 assert torch.equal(resumed["params"][name][key], tensor), (name, key)
+
+        # The frozen weights are the checkpoint's, whatever the model was built with.
+        before, after = (
+            consolidated_state_dict(checkpoint),
+            consolidated_state_dict(run_dir / "checkpoints" / checkpoint_tag(3)),
+        )
+        model = KosmosModel(load_model_config(checkpoint / "model.yaml"))
+        frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+        assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
 
         # The first loss after the resize is that of the saved weights on the batches it was taken on.
         assert records[0]["loss"] == pytest.approx(

@@ -84,6 +84,7 @@ def convert_to_universal(checkpoint: Path) -> Path:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the converter reports its progress on stdout
             ds_to_universal.main(args)
+            _add_weights_outside_the_optimizer(checkpoint, output / "zero")
     except Exception as error:  # noqa: BLE001 - a damaged shard can fail in torch.load, pickle, DeepSpeed...
         raise CheckpointError(
             f"checkpoint {checkpoint} could not be converted to a universal checkpoint: "
@@ -92,6 +93,23 @@ def convert_to_universal(checkpoint: Path) -> Path:
     os.replace(output, target)
     shutil.rmtree(staging)
     return target
+
+
+def _add_weights_outside_the_optimizer(checkpoint: Path, zero: Path) -> None:
+    """Frozen weights are in no optimizer partition. DeepSpeed's converter copies them into the
+    universal form from ZeRO-1/2 checkpoints (whose model states hold every weight), not from ZeRO-3
+    ones: add those from the consolidated checkpoint, in the converter's own format."""
+    from deepspeed.checkpoint.constants import PARAM
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not (checkpoint / _CLIENT_STATE_FILES[1]).is_file():  # not ZeRO-3
+        return
+    # Lazy: only the tensors written here are assembled from the shards.
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), checkpoint.name, lazy_mode=True)
+    for name, tensor in weights.items():
+        if not (zero / name / "fp32.pt").is_file():
+            (zero / name).mkdir(parents=True, exist_ok=True)
+            torch.save({PARAM: tensor.contiguous().float()}, zero / name / "fp32.pt")
 
 
 @dataclass
@@ -124,7 +142,21 @@ class Resize:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {self.universal}")
         self._restore_group_settings(engine.optimizer.optimizer)
+        self._restore_frozen_weights(engine.module)
         return client_state
+
+    def _restore_frozen_weights(self, module: torch.nn.Module) -> None:
+        # DeepSpeed restores the optimizer's weights only; frozen ones would keep the values the
+        # model was built with (random, or another CLIP file), not those the run trained with.
+        from deepspeed.checkpoint.constants import PARAM
+        from deepspeed.runtime.zero import GatheredParameters
+
+        frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+        # Under ZeRO-3 every rank gathers the partitioned weights; rank 0's values are kept.
+        with GatheredParameters(list(frozen.values()), modifier_rank=0), torch.no_grad():
+            for name, param in frozen.items():
+                saved = torch.load(self.universal / "zero" / name / "fp32.pt", weights_only=False)[PARAM]
+                param.copy_(saved.to(param.dtype))
 
     def _restore_group_settings(self, optimizer: torch.optim.Optimizer) -> None:
         # DeepSpeed's ZeRO-3 loader gives every parameter group the settings of the first one (the
