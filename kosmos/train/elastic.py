@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from kosmos.train.checkpoint import PARTIAL_SUFFIX, UNIVERSAL_SUFFIX, CheckpointError
-from kosmos.train.state import seed_everything
 
+CONVERSION_TIMEOUT = timedelta(hours=2)
 # The file of each DeepSpeed checkpoint that holds the client state (ZeRO-1/2, then ZeRO-3).
 _CLIENT_STATE_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
@@ -59,12 +60,10 @@ def universal_path(checkpoint: Path) -> Path:
 
 
 def convert_to_universal(checkpoint: Path) -> Path:
-    """Write DeepSpeed's universal form of `checkpoint` beside it (once); returns its folder."""
+    """Write DeepSpeed's universal form of `checkpoint` beside it; returns its folder."""
     from deepspeed.checkpoint import ds_to_universal
 
     target = universal_path(checkpoint)
-    if target.is_dir():
-        return target
     staging = target.with_name(target.name + PARTIAL_SUFFIX)
     if staging.exists():  # left by a conversion that died
         shutil.rmtree(staging)
@@ -105,7 +104,9 @@ def _add_weights_outside_the_optimizer(checkpoint: Path, zero: Path) -> None:
     if not (checkpoint / _CLIENT_STATE_FILES[1]).is_file():  # not ZeRO-3
         return
     # Lazy: only the tensors written here are assembled from the shards.
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), checkpoint.name, lazy_mode=True)
+    weights = get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint.parent), checkpoint.name, lazy_mode=True
+    )
     for name, tensor in weights.items():
         if not (zero / name / "fp32.pt").is_file():
             (zero / name).mkdir(parents=True, exist_ok=True)
@@ -130,11 +131,15 @@ class Resize:
     def prepare(self, is_main: bool) -> None:
         """Rank 0 converts the checkpoint (unless cached) while the others wait."""
         self.universal = universal_path(self.checkpoint)
+        # A large conversion outlasts DeepSpeed's collective timeout (10 minutes unless DEEPSPEED_TIMEOUT
+        # says otherwise): the others wait in a group of their own with a longer one.
+        waiting = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
         if is_main and not self.universal.is_dir():
             started = time.perf_counter()
             convert_to_universal(self.checkpoint)
             self.conversion_seconds = time.perf_counter() - started
-        dist.barrier()
+        dist.barrier(group=waiting)
+        dist.destroy_process_group(waiting)
 
     def load(self, engine) -> dict[str, Any]:
         """Weights, optimizer state and LR schedule into an engine built with `checkpoint.load_universal`."""
@@ -165,12 +170,12 @@ class Resize:
         for group, settings in zip(optimizer.param_groups, saved, strict=True):
             group.update({key: value for key, value in settings.items() if key != "params"})
 
-    def restore_rng(self, seed: int, step: int, rank: int) -> None:
-        seed_everything(derived_seed(seed, step, rank))
-
     def restore_loader(self, loader, saved_states: list[dict]) -> str:
-        """Hand the loader what the old ranks saved; returns what became of the data position."""
-        del loader, saved_states  # this loader restores a position only on the layout that saved it
+        """Give the loader the positions every old rank saved; returns what became of the data position.
+
+        The loader restores a position only on the layout that saved it: after a resize it starts
+        its data order afresh.
+        """
         return (
             f"the data loader cannot regroup the positions saved by {self.saved_world_size} ranks onto "
             f"{self.world_size}: it starts its data order from the beginning, so samples already seen "

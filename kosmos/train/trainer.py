@@ -23,7 +23,7 @@ from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
 from kosmos.train.checkpoint import CheckpointManager, load_weights
 from kosmos.train.config import TrainConfig, check_inputs
-from kosmos.train.elastic import Resize
+from kosmos.train.elastic import Resize, derived_seed
 from kosmos.train.engine import DistributedEnv, build_engine, check_hardware, init_distributed, use_bf16
 from kosmos.train.metrics import MetricsLogger, flops_utilisation, peak_flops, peak_memory_gb
 from kosmos.train.preemption import StopRequest
@@ -119,7 +119,7 @@ class Trainer:
         else:
             self._print(resize.describe(self.state.step))
             self._print(resize.restore_loader(self.loader, [rank["data"] for rank in saved["ranks"]]))
-            resize.restore_rng(self.cfg.train.seed, self.state.step, self.env.rank)
+            seed_everything(derived_seed(self.cfg.train.seed, self.state.step, self.env.rank))
         self._print(
             f"resumed from {self.checkpoints.root / self.checkpoints.latest_tag()} at step {self.state.step}"
         )
