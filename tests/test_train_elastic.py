@@ -1,6 +1,6 @@
 """Resume on another world size: a checkpoint of two ranks continues on one and on three, ZeRO-2 and 3.
 
-Every run is a real `kosmos train` process (under torchrun for several ranks), started through a
+Every training run is a real `kosmos train` process (under torchrun for several ranks), started through a
 wrapper that records, on top of what the trainer does, the full optimizer state right after each
 save and right after the resume (DeepSpeed gathers it from the partitions of every rank), and each
 rank's batch and torch generator state at the first step after the resume.
@@ -23,10 +23,8 @@ import yaml
 from kosmos.data.sample import build_sample
 from kosmos.model import KosmosModel, load_model_config
 from kosmos.tokenizer import IGNORE_INDEX
-from kosmos.train.checkpoint import checkpoint_tag, consolidated_state_dict
-from kosmos.train.elastic import derived_seed
-
-pytestmark = pytest.mark.slow
+from kosmos.train.checkpoint import CheckpointError, checkpoint_tag, consolidated_state_dict
+from kosmos.train.elastic import Resize, derived_seed
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 7
@@ -150,10 +148,8 @@ def train(recipe: Path, run_dir: Path, record: Path, ranks: int, stage: int, res
     return result.stdout + result.stderr
 
 
-def first_loss_computed_directly(checkpoint: Path, record: Path, ranks: int) -> float:
-    """The mean next-token loss of the step's batches on every rank, with the checkpoint's weights."""
-    model = KosmosModel(load_model_config(checkpoint / "model.yaml"))
-    model.load_state_dict(consolidated_state_dict(checkpoint))
+def first_loss_computed_directly(model: KosmosModel, record: Path, ranks: int) -> float:
+    """The mean next-token loss of the step's batches on every rank."""
     loss_sum, labelled = 0.0, 0
     with torch.no_grad():
         for rank in range(ranks):
@@ -164,12 +160,34 @@ def first_loss_computed_directly(checkpoint: Path, record: Path, ranks: int) -> 
     return loss_sum / labelled
 
 
+def test_the_recorded_world_size_decides_a_resize(tmp_path):
+    checkpoint = tmp_path / checkpoint_tag(2)
+    checkpoint.mkdir()
+    with pytest.raises(CheckpointError, match="no DeepSpeed model-state file"):
+        Resize.find(checkpoint, 2)
+    state = {"kosmos": {"train": {}, "world_size": 2, "ranks": [{}, {}]}}
+    torch.save(state, checkpoint / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    assert Resize.find(checkpoint, 2) is None
+    resize = Resize.find(checkpoint, 3)
+    assert (resize.saved_world_size, resize.world_size) == (2, 3)
+
+
+def test_derived_seeds_differ_by_seed_step_and_rank():
+    seeds = {derived_seed(seed, step, rank) for seed in (7, 8) for step in (10, 20) for rank in range(4)}
+    assert len(seeds) == 16
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_resume_on_one_and_on_three(recipe, tmp_path, stage):
     straight = tmp_path / "straight"
     train(recipe, straight, tmp_path / "record_straight", ranks=2, stage=stage)
     saved = torch.load(tmp_path / "record_straight" / "saved_2.pt", weights_only=False)
     checkpoint = straight / "checkpoints" / checkpoint_tag(2)
+    weights = consolidated_state_dict(checkpoint)
+    model = KosmosModel(load_model_config(checkpoint / "model.yaml"))
+    model.load_state_dict(weights)
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
 
     for ranks in (1, 3):
         # A run that stopped after its step-2 checkpoint, back on another number of ranks.
@@ -200,17 +218,12 @@ def test_two_ranks_resume_on_one_and_on_three(recipe, tmp_path, stage):
                 assert torch.equal(resumed["params"][name][key], tensor), (name, key)
 
         # The frozen weights are the checkpoint's, whatever the model was built with.
-        before, after = (
-            consolidated_state_dict(checkpoint),
-            consolidated_state_dict(run_dir / "checkpoints" / checkpoint_tag(3)),
-        )
-        model = KosmosModel(load_model_config(checkpoint / "model.yaml"))
-        frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
-        assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
+        after = consolidated_state_dict(run_dir / "checkpoints" / checkpoint_tag(3))
+        assert frozen and all(torch.equal(weights[name], after[name]) for name in frozen)
 
         # The first loss after the resize is that of the saved weights on the batches it was taken on.
         assert records[0]["loss"] == pytest.approx(
-            first_loss_computed_directly(checkpoint, record, ranks), rel=1e-5
+            first_loss_computed_directly(model, record, ranks), rel=1e-5
         )
 
         # Every rank's generators were derived from the seed, the step and its rank.
