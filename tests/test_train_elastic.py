@@ -148,6 +148,11 @@ def train(recipe: Path, run_dir: Path, record: Path, ranks: int, stage: int, res
     return result.stdout + result.stderr
 
 
+def metrics(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record for record in map(json.loads, lines)}
+
+
 def first_loss_computed_directly(model: KosmosModel, record: Path, ranks: int) -> float:
     """The mean next-token loss of the step's batches on every rank."""
     loss_sum, labelled = 0.0, 0
@@ -183,6 +188,7 @@ def test_two_ranks_resume_on_one_and_on_three(recipe, tmp_path, stage):
     straight = tmp_path / "straight"
     train(recipe, straight, tmp_path / "record_straight", ranks=2, stage=stage)
     saved = torch.load(tmp_path / "record_straight" / "saved_2.pt", weights_only=False)
+    before = metrics(straight)
     checkpoint = straight / "checkpoints" / checkpoint_tag(2)
     weights = consolidated_state_dict(checkpoint)
     model = KosmosModel(load_model_config(checkpoint / "model.yaml"))
@@ -204,9 +210,13 @@ def test_two_ranks_resume_on_one_and_on_three(recipe, tmp_path, stage):
 
         assert f"written by 2 ranks and resumes at step 2 on {ranks}" in output
         assert ("converted earlier" in output) == (ranks == 3)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records] == [3]  # the run finished
+        records = metrics(run_dir)
+        assert list(records) == [3]  # the run finished
         assert (run_dir / "checkpoints" / "latest").read_text() == checkpoint_tag(3)
+        # The LR schedule and the token count carry on.
+        assert records[3]["lr"] == before[3]["lr"]
+        step_tokens = sum(records[3][f"tokens_{kind}"] for kind in ("text", "caption", "interleaved"))
+        assert records[3]["tokens_seen"] == before[2]["tokens_seen"] + step_tokens
 
         # The optimizer state, gathered from the new partitions, is the one the two ranks saved.
         resumed = torch.load(record / "resumed.pt", weights_only=False)
@@ -222,7 +232,7 @@ def test_two_ranks_resume_on_one_and_on_three(recipe, tmp_path, stage):
         assert frozen and all(torch.equal(weights[name], after[name]) for name in frozen)
 
         # The first loss after the resize is that of the saved weights on the batches it was taken on.
-        assert records[0]["loss"] == pytest.approx(
+        assert records[3]["loss"] == pytest.approx(
             first_loss_computed_directly(model, record, ranks), rel=1e-5
         )
 
