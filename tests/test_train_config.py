@@ -191,9 +191,21 @@ def test_prune_keeps_the_newest_published_checkpoints(tmp_path):
     for step in (10, 20, 30, 40):
         (root / checkpoint_tag(step)).mkdir(parents=True)
     (root / (checkpoint_tag(50) + ".partial")).mkdir()
+    # Universal forms (for a resume on another world size) go with their checkpoints.
+    for name in (
+        checkpoint_tag(10) + ".universal",
+        checkpoint_tag(30) + ".universal",
+        checkpoint_tag(20) + ".universal.partial",
+    ):
+        (root / name).mkdir()
     (root / "latest").write_text(checkpoint_tag(30))  # 40 was renamed but never published
     CheckpointManager(root, keep=2, is_main=True).prune()
-    assert sorted(p.name for p in root.iterdir()) == ["latest", checkpoint_tag(20), checkpoint_tag(30)]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "latest",
+        checkpoint_tag(20),
+        checkpoint_tag(30),
+        checkpoint_tag(30) + ".universal",
+    ]
 
 
 def test_resolve_checkpoint(tmp_path):

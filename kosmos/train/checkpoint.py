@@ -37,6 +37,8 @@ from kosmos.tokenizer import Tokenizer
 
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
+# DeepSpeed's universal form of `step_N/` (for a resume on another world size) lives in `step_N.universal/`.
+UNIVERSAL_SUFFIX = ".universal"
 MODEL_CONFIG = "model.yaml"
 TOKENIZER = "tokenizer.model"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -93,6 +95,12 @@ class CheckpointManager:
     def latest_tag(self) -> str | None:
         return read_latest(self.root)
 
+    def latest_path(self) -> Path:
+        tag = self.latest_tag()
+        if tag is None or not (self.root / tag).is_dir():
+            raise CheckpointError(f"{self.root / LATEST} names {tag}, which does not exist")
+        return self.root / tag
+
     def save(self, engine, step: int, client_state: dict[str, Any], model_cfg: ModelConfig, tokenizer: Path):
         tag = checkpoint_tag(step)
         partial = self.root / (tag + PARTIAL_SUFFIX)
@@ -106,34 +114,34 @@ class CheckpointManager:
             config_io.dump(dataclasses.replace(model_cfg, vision=vision), partial / MODEL_CONFIG)
             shutil.copyfile(tokenizer, partial / TOKENIZER)
             final = self.root / tag
-            if final.exists():  # left by a run that died between this rename and publishing it
-                shutil.rmtree(final)
+            # Left by a run that died between this rename and publishing it.
+            for stale in (final, final.with_name(tag + UNIVERSAL_SUFFIX)):
+                if stale.exists():
+                    shutil.rmtree(stale)
             os.replace(partial, final)
             _write_atomically(self.root / LATEST, tag)
             self.prune()
         torch.distributed.barrier()
 
     def prune(self) -> None:
-        """Keep the newest `keep` published checkpoints up to `latest`; drop partial and orphan folders."""
+        """Keep the newest `keep` published checkpoints up to `latest` (and their universal forms);
+        drop partial and orphan folders."""
         latest = _TAG.match(self.latest_tag() or "")
         latest_step = int(latest.group(1)) if latest else -1
         steps = [s for s in published_steps(self.root) if s <= latest_step]
         keep = {checkpoint_tag(s) for s in steps[-self.keep :]}
         for path in self.root.iterdir():
-            stale = path.name.endswith(PARTIAL_SUFFIX) or (_TAG.match(path.name) and path.name not in keep)
+            tag = path.name.removesuffix(UNIVERSAL_SUFFIX)
+            stale = path.name.endswith(PARTIAL_SUFFIX) or (_TAG.match(tag) and tag not in keep)
             if path.is_dir() and stale:
                 shutil.rmtree(path)
 
-    def load(self, engine) -> dict[str, Any] | None:
+    def load(self, engine) -> dict[str, Any]:
         """Restore model, optimizer and LR schedule from `latest`; returns the client state."""
-        tag = self.latest_tag()
-        if tag is None:
-            return None
-        if not (self.root / tag).is_dir():
-            raise CheckpointError(f"{self.root / LATEST} names {tag}, which does not exist")
-        path, client_state = engine.load_checkpoint(str(self.root), tag=tag)
+        checkpoint = self.latest_path()
+        path, client_state = engine.load_checkpoint(str(self.root), tag=checkpoint.name)
         if path is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint}")
         return client_state
 
 

@@ -86,8 +86,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batches_per_step: int, bf16: bool) -> dict[str, Any]:
-    """The stock config for the ZeRO stage (and offload), completed from the training config."""
+def deepspeed_config(
+    cfg: TrainConfig, micro_batches_per_step: int, bf16: bool, load_universal: bool = False
+) -> dict[str, Any]:
+    """The stock config for the ZeRO stage (and offload), completed from the training config.
+
+    `load_universal`: the engine will load a universal checkpoint (a resume on another world size).
+    """
     ds = cfg.deepspeed
     name = f"zero{ds.zero_stage}{'_offload' if ds.offload else ''}.json"
     config = json.loads((DEEPSPEED_CONFIGS / name).read_text())
@@ -97,6 +102,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batches_per_step: int, bf16: bool) 
         gradient_clipping=cfg.optimizer.grad_clip,
         bf16={"enabled": bf16},
         steps_per_print=2**31 - 1,  # the trainer logs; DeepSpeed's own progress lines are noise
+        checkpoint={"load_universal": load_universal},
     )
     return _merge(config, ds.extra)
 
@@ -107,13 +113,19 @@ def check_hardware(cfg: TrainConfig, env: DistributedEnv) -> None:
     use_bf16(cfg.deepspeed.bf16)
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, micro_batches_per_step: int, bf16: bool):
+def build_engine(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    micro_batches_per_step: int,
+    bf16: bool,
+    load_universal: bool = False,
+):
     """Wrap the model in a DeepSpeed engine with our AdamW and LR schedule (both checkpointed by it)."""
     import deepspeed
 
     optimizer = build_optimizer(model, cfg.optimizer, cfg.deepspeed.offload)
     schedule = build_lr_schedule(optimizer, cfg.optimizer, cfg.train.max_steps)
-    config = deepspeed_config(cfg, micro_batches_per_step, bf16)
+    config = deepspeed_config(cfg, micro_batches_per_step, bf16, load_universal)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=config, dist_init_required=False
     )

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from kosmos import config as config_io
 from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
-from kosmos.train.checkpoint import CheckpointError, CheckpointManager, load_weights
+from kosmos.train.checkpoint import CheckpointManager, load_weights
 from kosmos.train.config import TrainConfig, check_inputs
+from kosmos.train.elastic import Resize, derived_seed
 from kosmos.train.engine import DistributedEnv, build_engine, check_hardware, init_distributed, use_bf16
 from kosmos.train.metrics import MetricsLogger, flops_utilisation, peak_flops, peak_memory_gb
 from kosmos.train.preemption import StopRequest
@@ -65,10 +66,16 @@ class Trainer:
         if cfg.train.init_from is not None and not resuming:
             source = load_weights(self.model, cfg.train.init_from)
             self._print(f"initialised the weights from {source}")
-        self.engine = build_engine(cfg, self.model, self.loader.micro_batches_per_step, self.bf16)
+        # A checkpoint of another world size loads through its universal form (converted here).
+        resize = Resize.find(self.checkpoints.latest_path(), env.world_size) if resuming else None
+        if resize is not None:
+            resize.prepare(env.is_main)
+        self.engine = build_engine(
+            cfg, self.model, self.loader.micro_batches_per_step, self.bf16, load_universal=resize is not None
+        )
         self.state = TrainState()
         if resuming:
-            self._resume()
+            self._resume(resize)
         else:
             seed_everything(cfg.train.seed + env.rank)  # each rank its own dropout masks
 
@@ -90,7 +97,9 @@ class Trainer:
     def _client_state(self) -> dict:
         everyone = [None] * self.env.world_size
         dist.all_gather_object(everyone, {"data": self.loader.state_dict(), "rng": rng_state()})
-        return {"kosmos": {"train": self.state.state_dict(), "ranks": everyone}}
+        return {
+            "kosmos": {"train": self.state.state_dict(), "world_size": self.env.world_size, "ranks": everyone}
+        }
 
     def _save(self) -> None:
         started = time.perf_counter()
@@ -99,19 +108,18 @@ class Trainer:
         )
         self._print(f"step {self.state.step}: checkpoint saved in {time.perf_counter() - started:.1f} s")
 
-    def _resume(self) -> None:
-        client = self.checkpoints.load(self.engine)
+    def _resume(self, resize: Resize | None) -> None:
+        client = self.checkpoints.load(self.engine) if resize is None else resize.load(self.engine)
         saved = client["kosmos"]
-        if len(saved["ranks"]) != self.env.world_size:
-            raise CheckpointError(
-                f"{self.checkpoints.root}: the checkpoint was written by {len(saved['ranks'])} ranks; resume "
-                f"with the same number (data-loader positions and ZeRO shards are per rank), "
-                f"not {self.env.world_size}"
-            )
-        mine = saved["ranks"][self.env.rank]
         self.state.load_state_dict(saved["train"])
-        self.loader.load_state_dict(mine["data"])
-        set_rng_state(mine["rng"])
+        if resize is None:
+            mine = saved["ranks"][self.env.rank]
+            self.loader.load_state_dict(mine["data"])
+            set_rng_state(mine["rng"])
+        else:
+            self._print(resize.describe(self.state.step))
+            self._print(resize.restore_loader(self.loader, [rank["data"] for rank in saved["ranks"]]))
+            seed_everything(derived_seed(self.cfg.train.seed, self.state.step, self.env.rank))
         self._print(
             f"resumed from {self.checkpoints.root / self.checkpoints.latest_tag()} at step {self.state.step}"
         )
