@@ -15,8 +15,9 @@ The plan, for a cluster given on the command line (GPUs, their memory, peak FLOP
 - the wall time of `train.max_steps` steps at each MFU, counting FLOPs as the training logs' MFU
   does, with the images per step estimated from the documents read.
 
-bf16 mixed precision is assumed on GPUs (DeepSpeed's estimators are for 16-bit training): with
-`deepspeed.bf16: false` the plan says so and counts 4-byte activations.
+Model states are DeepSpeed's estimates for 16-bit mixed precision, the GPUs' setting
+(`deepspeed.bf16: auto`); with `deepspeed.bf16: false` the plan counts 4-byte activations but keeps
+those estimates, which then fall short.
 """
 
 from __future__ import annotations
@@ -193,25 +194,23 @@ def memory_table(cfg: TrainConfig, params: dict[str, int], rows_per_rank: int, c
     divisors = [d for d in range(1, rows_per_rank + 1) if rows_per_rank % d == 0]
     table = []
     for stage, offload in ZERO_SETTINGS:
-        states = model_state_bytes(params, stage, offload, cluster)
+        estimate = model_state_bytes(params, stage, offload, cluster)
+        states = estimate["gpu"]
         for checkpointing in (False, True):
             layers = cfg.model.text.layers if checkpointing else 0
-
-            def activations(rows: int) -> int:
-                return worst_micro_batch(cfg, rows, checkpointed_layers=layers, **memory)  # noqa: B023
-
-            fitting = [d for d in divisors if states["gpu"] + activations(d) <= usable]
+            needs = {d: states + worst_micro_batch(cfg, d, checkpointed_layers=layers, **memory) for d in divisors}
+            total = states + worst_micro_batch(cfg, micro_batch, checkpointed_layers=layers, **memory)
             table.append(
                 {
                     "zero_stage": stage,
                     "offload": offload,
                     "activation_checkpointing": checkpointing,
-                    "model_states_gb": round(states["gpu"] / GB, 2),
-                    "activations_gb": round(activations(micro_batch) / GB, 2),
-                    "total_gb": round((states["gpu"] + activations(micro_batch)) / GB, 2),
-                    "fits": states["gpu"] + activations(micro_batch) <= usable,
-                    "largest_micro_batch": max(fitting, default=0),
-                    "host_gb_per_node": round(states["host_per_node"] / GB, 1),
+                    "model_states_gb": round(states / GB, 2),
+                    "activations_gb": round((total - states) / GB, 2),
+                    "total_gb": round(total / GB, 2),
+                    "fits": total <= usable,
+                    "largest_micro_batch": max((d for d, need in needs.items() if need <= usable), default=0),
+                    "host_gb_per_node": round(estimate["host_per_node"] / GB, 1),
                 }
             )
     return table
