@@ -24,7 +24,8 @@ Frozen blocks keep nothing. A checkpointed decoder layer keeps only its input (N
 
 The peak of a step comes at the start of the backward pass: everything kept, plus the gradient of
 the logits (labelled x V x e) and the fp32 softmax the loss recomputes block by block (at most
-`BLOCK_ELEMENTS` x 4 bytes); or, with checkpointing, one recomputed layer. `activation_memory`
+`BLOCK_ELEMENTS` x 4 bytes); or, with checkpointing, when the top checkpointed layer is recomputed:
+by then the head's and the layers above's tensors are freed, and that layer's are kept again. `activation_memory`
 returns the parts and that peak; `docs/performance.md` compares it with measured peaks.
 """
 
@@ -117,5 +118,8 @@ def activation_memory(
     block = min(logits, BLOCK_ELEMENTS) * 4
     # In fp32 a single block is the gradient itself; otherwise the gradient is a tensor of its own.
     loss_backward = block if e == 4 and logits <= BLOCK_ELEMENTS else logits * e + block
-    recompute = layer if checkpointed else 0
-    return {**parts, "kept": kept, "peak": kept + max(loss_backward, recompute)}
+    peak = kept + loss_backward
+    if checkpointed:
+        # Recomputing the top checkpointed layer, once the head and the layers above it are done.
+        peak = max(peak, kept - head - (text.layers - checkpointed) * layer + layer)
+    return {**parts, "kept": kept, "peak": peak}
