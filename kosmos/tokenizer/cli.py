@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 EXAMPLES = (
     "An image of a dog playing with a ball on the beach.",
@@ -142,7 +141,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print("settings: " + ", ".join(f"{k} {v}" for k, v in report["settings"].items()))
     print("special ids: " + ", ".join(f"{name} {i}" for name, i in specials.items()))
     for encoding in encodings:
-        print(f"\n{encoding['text']!r}", file=sys.stdout)
+        print(f"\n{encoding['text']!r}")
         print(f"  ids    {encoding['ids']}")
         print(f"  pieces {' '.join(encoding['pieces'])}")
     return 0
