@@ -13,11 +13,12 @@ from sentencepiece import sentencepiece_model_pb2
 from kosmos.cli import main
 from kosmos.config import ConfigError, apply_overrides
 from kosmos.data.sample import build_sample
+from kosmos.data.shards import CorpusWriter
 from kosmos.model import KosmosModel, load_model_config, parameter_counts
 from kosmos.model.memory import activation_memory, attention_kernel
 from kosmos.model.vision import VisionEncoder
 from kosmos.train.config import load_train_config
-from kosmos.train.plan import Cluster, model_state_bytes, parameter_layout
+from kosmos.train.plan import Cluster, format_plan, model_state_bytes, parameter_layout
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs/train/kosmos1.yaml"
@@ -48,6 +49,10 @@ def stand_ins(tmp_path_factory) -> Path:
         proto.pieces.add(piece=f"\u2581filler{i}", score=-1e6)
     (root / "tokenizers").mkdir()
     (root / "tokenizers/sentencepiece.model").write_bytes(proto.SerializeToString())
+    # A caption corpus none of whose images decode: its index is fine, its samples are not.
+    with CorpusWriter(root / "corpora/unreadable", "caption", samples_per_shard=20) as writer:
+        for i in range(40):
+            writer.write({"jpg": b"not an image", "txt": f"caption {i}".encode()})
     _random_tower(load_model_config(REPO / "configs/model/kosmos1.yaml").vision, root / "clip.safetensors")
     _random_tower(load_model_config(REPO / "configs/model/tiny.yaml").vision, root / "tiny_clip.safetensors")
     return root
@@ -104,11 +109,21 @@ def test_paper_config_plans_without_allocating_the_model(stand_ins):
     flops = report["flops_per_step"]
     assert flops["vision"] > 0 and flops["language"] > 0
 
+    text = format_plan(report)
+    assert f"gradient accumulation {step['gradient_accumulation']}" in text
+    assert f"{params['total']:,} total" in text and "at MFU 55%" in text
+
 
 @pytest.mark.parametrize(
     ("overrides", "gpus", "named"),
     [
         (["data.corpora.1.path=corpora/missing"], 8, "data.corpora[1].path: corpora/missing does not exist"),
+        (
+            ["data.corpora.1.path=corpora/unreadable"],
+            8,
+            "data.corpora[1].path: corpus caption (corpora/unreadable): a whole epoch",
+        ),
+        (["tokenizer=nowhere.model"], 8, "tokenizer: tokenizer model nowhere.model does not exist"),
         (["model.text.vocab_size=64008"], 8, "model.text.vocab_size: 64008 does not match"),
         (
             ["model.vision.weights=tiny_clip.safetensors"],
