@@ -1,6 +1,7 @@
 """`kosmos train --dry-run`: the paper config checked against stand-in inputs, and the numbers of its plan."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_paper_config_plans_without_allocating_the_model(stand_ins):
     )
     run = subprocess.run(
         [sys.executable, "-c", script], cwd=stand_ins, capture_output=True, text=True, check=False,
-        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)  # stdout holds the plan alone
