@@ -13,6 +13,7 @@ from kosmos.config import ConfigError
 AREAS = (
     "kosmos.model.cli",
     "kosmos.data.cli",
+    "kosmos.tokenizer.cli",
     "kosmos.train.cli",
     "kosmos.eval.cli",
     "kosmos.convert.cli",

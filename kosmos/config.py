@@ -130,20 +130,36 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place.
+
+    A number reaches into a list: `data.corpora.0.path=...` sets the first corpus's path.
+    """
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")
         dotted, raw = override.split("=", 1)
         keys = dotted.strip().split(".")
-        node = data
+        node: Any = data
         for i, key in enumerate(keys[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(keys[: i + 1])}: is not a section, cannot set {dotted}")
-            node = child
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            where = ".".join(keys[: i + 1])
+            if isinstance(node, list):
+                node = node[_list_index(node, key, where)]
+            else:
+                node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{where}: is not a section, cannot set {dotted}")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], dotted)] = value
+        else:
+            node[keys[-1]] = value
     return data
+
+
+def _list_index(items: list, key: str, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"{where}: the list has items 0 to {len(items) - 1}")
+    return int(key)
 
 
 def _expand_section_files(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:

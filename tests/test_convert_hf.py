@@ -287,7 +287,8 @@ def test_refuses_to_write_over_a_folder(runs, exported, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
 
 
-def test_clip_vision_tower_from_transformers(tmp_path):
+@pytest.mark.parametrize("whole", [False, True], ids=["CLIPVisionModel", "CLIPModel"])
+def test_clip_vision_tower_from_transformers(tmp_path, whole):
     vision = {
         "hidden_size": 64,
         "intermediate_size": 256,
@@ -297,11 +298,17 @@ def test_clip_vision_tower_from_transformers(tmp_path):
         "patch_size": 8,
         "hidden_act": "quick_gelu",
     }
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
+    if whole:  # a whole CLIP folder: text tower and projections too, which are left out
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        saved = transformers.CLIPModel(config).eval()
+        clip = saved.vision_model
+    else:
+        clip = saved = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
     with torch.no_grad():
-        for p in clip.parameters():
+        for p in saved.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    clip.save_pretrained(tmp_path / "clip")
+    saved.save_pretrained(tmp_path / "clip")
     assert main(["convert", "clip-from-hf", str(tmp_path / "clip"), str(tmp_path / "tower.safetensors")]) == 0
 
     cfg = load_model_config(

@@ -4,7 +4,7 @@ from kosmos.model.config import ConnectorConfig, ModelConfig, TextConfig, Vision
 from kosmos.model.flops import language_flops_per_token, parameter_counts, vision_flops_per_image
 from kosmos.model.generation import generate, pad_batch, sequence_log_likelihood
 from kosmos.model.kosmos import KosmosModel, KosmosOutput, KVCache
-from kosmos.model.vision import VisionWeightsError, load_vision_weights
+from kosmos.model.vision import VisionWeightsError, check_vision_weights, load_vision_weights
 
 __all__ = [
     "ConnectorConfig",
@@ -15,6 +15,7 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "VisionWeightsError",
+    "check_vision_weights",
     "generate",
     "language_flops_per_token",
     "load_model_config",

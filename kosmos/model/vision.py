@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -51,13 +52,18 @@ class VisionEncoder(nn.Module):
         return F.normalize(self.tower(images.to(self.tower.conv1.weight.dtype)), dim=-1)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        if not shapes_only:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:  # the header alone: names and shapes
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: a check of names and shapes reads none of the tensors' data.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
     except Exception:  # noqa: BLE001 - OpenAI's original release is TorchScript, not a pickled dict
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     if isinstance(state, dict) and "state_dict" in state:
@@ -67,13 +73,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_vision_weights(tower: VisionTransformer, weights: str | Path) -> None:
-    """Load a tower from a full CLIP checkpoint (`visual.*` keys) or a vision-only state dict."""
-    path = Path(weights)
+def _tower_state(path: Path, expected: dict[str, torch.Tensor], shapes_only: bool) -> dict[str, torch.Tensor]:
+    """The tower's tensors from a full CLIP checkpoint (`visual.*` keys) or a vision-only state dict,
+    checked against the configured tower's names and shapes."""
     if not path.is_file():
         raise VisionWeightsError(f"vision weights {path} do not exist")
     try:
-        state = _read_state_dict(path)
+        state = _read_state_dict(path, shapes_only)
     except VisionWeightsError:
         raise
     except Exception as error:  # noqa: BLE001 - a damaged file can fail anywhere in torch.load
@@ -81,8 +87,6 @@ def load_vision_weights(tower: VisionTransformer, weights: str | Path) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    state.pop("proj", None)
-    expected = tower.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise VisionWeightsError(
@@ -94,4 +98,17 @@ def load_vision_weights(tower: VisionTransformer, weights: str | Path) -> None:
                 f"vision weights {path}: {key} has shape {tuple(state[key].shape)}, "
                 f"the configured tower needs {tuple(tensor.shape)}"
             )
-    tower.load_state_dict({k: state[k] for k in expected})
+    return {k: state[k] for k in expected}
+
+
+def load_vision_weights(tower: VisionTransformer, weights: str | Path) -> None:
+    """Load a tower from a full CLIP checkpoint (`visual.*` keys) or a vision-only state dict."""
+    tower.load_state_dict(_tower_state(Path(weights), tower.state_dict(), shapes_only=False))
+
+
+def check_vision_weights(cfg: VisionConfig) -> int:
+    """Check that `cfg.weights` holds every tensor of the configured tower, in its shape, without
+    reading the tensors where the format allows (safetensors, torch files); returns how many."""
+    with torch.device("meta"):
+        tower = VisionEncoder(dataclasses.replace(cfg, weights=None)).tower
+    return len(_tower_state(Path(cfg.weights), tower.state_dict(), shapes_only=True))

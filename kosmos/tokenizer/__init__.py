@@ -18,6 +18,8 @@ import sentencepiece as spm
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIAL_SYMBOLS = ("<mask>", "</doc>", "<image>", "</image>", "</chunk>", "</line>")
 IGNORE_INDEX = -100
+# SentencePiece's own ids that the fairseq layout is built on (XLM-R's): no padding piece.
+SENTENCEPIECE_LAYOUT = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
 # Image slots carry the ids `transformers`' Kosmos2Processor gives them (4, 5, ...); the model
 # replaces their embeddings, so the ids only matter for matching that processor token for token.
 FIRST_IMAGE_SLOT_ID = 4
@@ -103,10 +105,7 @@ class Tokenizer:
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=0.9995,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
+            **SENTENCEPIECE_LAYOUT,
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             num_threads=2,

@@ -17,10 +17,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
     # The deepspeed launcher passes --local_rank; the rank is read from the environment instead.
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    plan = train.add_argument_group(
+        "dry run", "--dry-run checks the config and all it names, trains nothing, and prints a plan"
+    )
+    plan.add_argument("--dry-run", action="store_true", help="validate and plan instead of training")
+    plan.add_argument("--gpus", type=int, help="GPUs to plan for (default: this launch's world size)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    plan.add_argument("--gpu-memory", type=float, help="GB per GPU (default: this GPU's, else 80)")
+    plan.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of one GPU (default: known GPUs, H100)")
+    plan.add_argument(
+        "--mfu", type=float, action="append", help="model FLOP utilisation (repeatable; default 0.4 and 0.55)"
+    )
+    plan.add_argument("--attention", choices=("flash", "sdpa"), help="GPU attention kernel (default: flash-attn)")
+    plan.add_argument("--probe-documents", type=int, default=16, help="documents read per corpus (default 16)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     train.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from kosmos.train.plan import dry_run
+
+        return dry_run(args)
     from kosmos.train.config import load_train_config
     from kosmos.train.trainer import train
 

@@ -1,0 +1,159 @@
+"""Training the SentencePiece model of a tokenizer from corpora (`kosmos tokenizer train`).
+
+Sentences are the lines of every text part of every document (text documents, captions, the texts of
+interleaved documents), read through `kosmos.data.texts`. A uniform sample of at most
+`max_sentences` of them is kept while reading (reservoir sampling), so memory is bounded by the
+sample, not by the corpus; SentencePiece then trains on the whole sample.
+
+Settings, for the paper's 64k tokenizer (vocabulary 64,007 in the fairseq layout):
+- model type `unigram`, SentencePiece's default (`bpe` on request);
+- `<unk>`=0, `<s>`=1, `</s>`=2 and no padding piece: the XLM-R layout that `Tokenizer` shifts into
+  the fairseq one, and the one `transformers`' XLM-R tokenizer reads back on export;
+- character coverage 0.9999: web text holds many scripts, and a character outside the covered set
+  is read as `<unk>`;
+- no byte fallback by default: with it, characters outside the coverage become byte pieces instead
+  of `<unk>`, but 256 of the pieces are spent on bytes, and `transformers`' XLM-R tokenizer (the
+  export's, and Kosmos-2's) has no byte pieces;
+- SentencePiece's default `nmt_nfkc` normalisation and whitespace handling, which the exported
+  `transformers` tokenizer reproduces.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sentencepiece as spm
+
+from kosmos.tokenizer import SENTENCEPIECE_LAYOUT, Tokenizer, TokenizerError
+
+# SentencePiece drops longer sentences (its `max_sentence_length`, in bytes); longer lines are cut
+# at spaces to fit.
+MAX_SENTENCE_BYTES = 4192
+
+
+def sentences(text: str) -> Iterator[str]:
+    """The non-empty lines of `text`, each cut at spaces into pieces of at most MAX_SENTENCE_BYTES."""
+    for line in text.splitlines():
+        line = line.strip()
+        if len(line.encode()) <= MAX_SENTENCE_BYTES:
+            if line:
+                yield line
+            continue
+        piece: list[str] = []
+        size = 0
+        for word in line.split():
+            word_bytes = len(word.encode())
+            if piece and size + 1 + word_bytes > MAX_SENTENCE_BYTES:
+                yield " ".join(piece)
+                piece, size = [], 0
+            if word_bytes <= MAX_SENTENCE_BYTES:  # a single longer "word" is not text worth learning
+                piece.append(word)
+                size += word_bytes + (size > 0)
+        if piece:
+            yield " ".join(piece)
+
+
+class SentenceSample:
+    """A uniform sample of at most `limit` sentences of a stream of unknown length (Algorithm R)."""
+
+    def __init__(self, limit: int, seed: int = 0):
+        if limit < 1:
+            raise ValueError("the sentence sample needs a limit of at least 1")
+        self.limit = limit
+        self.seen = 0
+        self.sentences: list[str] = []
+        self._rng = random.Random(seed)
+
+    def add(self, sentence: str) -> None:
+        self.seen += 1
+        if len(self.sentences) < self.limit:
+            self.sentences.append(sentence)
+            return
+        slot = self._rng.randrange(self.seen)
+        if slot < self.limit:
+            self.sentences[slot] = sentence
+
+
+@dataclass
+class TrainingReport:
+    documents: dict[str, int] = field(default_factory=dict)  # read, per corpus folder
+    skipped: dict[str, int] = field(default_factory=dict)  # unusable samples, by reason
+    sentences_seen: int = 0
+    sentences_used: int = 0
+
+
+def sample_sentences(
+    folders: Iterable[str | Path], max_sentences: int, max_documents: int | None, seed: int
+) -> tuple[list[str], TrainingReport]:
+    """A uniform sample of the sentences of the corpora (`max_documents` per corpus at most)."""
+    from kosmos.data.texts import corpus_texts
+
+    sample = SentenceSample(max_sentences, seed)
+    report = TrainingReport()
+    skipped: Counter[str] = Counter()
+    for folder in folders:
+        documents = 0
+        for texts in corpus_texts(folder, skipped, max_documents, seed):
+            documents += 1
+            for text in texts:
+                for sentence in sentences(text):
+                    sample.add(sentence)
+        report.documents[str(folder)] = documents
+    report.skipped = dict(sorted(skipped.items()))
+    report.sentences_seen, report.sentences_used = sample.seen, len(sample.sentences)
+    return sample.sentences, report
+
+
+def train_sentencepiece(
+    sentences: Iterable[str],
+    out: str | Path,
+    vocab_size: int,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9999,
+    byte_fallback: bool = False,
+    threads: int | None = None,
+) -> Tokenizer:
+    """Train on the given sentences (all of them, in order) and write the model to `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = out.with_name(f".{out.name}.partial")
+    writer = model.open("wb")
+    try:
+        with writer:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_writer=writer,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                byte_fallback=byte_fallback,
+                max_sentence_length=MAX_SENTENCE_BYTES,
+                num_threads=threads or os.cpu_count() or 1,
+                minloglevel=2,
+                **SENTENCEPIECE_LAYOUT,
+            )
+        model.rename(out)
+    except RuntimeError as error:
+        model.unlink(missing_ok=True)
+        raise TokenizerError(f"SentencePiece could not train a {vocab_size}-piece model: {error}") from None
+    return Tokenizer(out)
+
+
+def model_settings(tokenizer: Tokenizer) -> dict[str, object]:
+    """The training settings a SentencePiece model file records."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.sp.serialized_model_proto())
+    spec = proto.trainer_spec
+    return {
+        "model_type": sentencepiece_model_pb2.TrainerSpec.ModelType.Name(spec.model_type).lower(),
+        "character_coverage": round(spec.character_coverage, 6),
+        "byte_fallback": spec.byte_fallback,
+        "normalization": proto.normalizer_spec.name,
+    }
