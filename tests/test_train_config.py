@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kosmos.checkpoint import CheckpointError, resolve_checkpoint
 from kosmos.config import ConfigError
 from kosmos.data.shards import CorpusWriter
 from kosmos.model import KosmosModel
-from kosmos.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_tag, resolve_checkpoint
+from kosmos.train.checkpoint import CheckpointManager, checkpoint_tag
 from kosmos.train.config import check_inputs, load_train_config
 from kosmos.train.engine import deepspeed_config
 from kosmos.train.metrics import truncate_metrics

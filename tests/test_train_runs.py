@@ -23,10 +23,11 @@ import pytest
 import torch
 import yaml
 
+from kosmos.checkpoint import consolidated_state_dict, load_model_from_checkpoint
 from kosmos.data.build import build_instruction
 from kosmos.data.sample import NUMBER_WORDS, build_sample
 from kosmos.model import KosmosModel, load_model_config
-from kosmos.train.checkpoint import checkpoint_tag, consolidated_state_dict, load_model_from_checkpoint
+from kosmos.train.checkpoint import checkpoint_tag
 
 pytestmark = pytest.mark.slow
 

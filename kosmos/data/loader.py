@@ -15,7 +15,9 @@ first worker takes the worker whose turn is next.
 
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -32,6 +34,7 @@ from kosmos.data.stream import CorpusStream, SampleRef
 from kosmos.tokenizer import Tokenizer
 
 STATE_VERSION = 1
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
 
 
 def rows_per_step(
@@ -163,11 +166,15 @@ class _Steps(IterableDataset):
             step += loader.num_workers
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave pre-emption signals to the training process, which checkpoints and then
-    shuts them down (under SLURM a signal reaches every process of the job, workers included)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+def _start_worker(worker_id: int) -> None:
+    """Loader workers leave stop signals to the training process, which checkpoints and then shuts
+    them down (under SLURM a signal reaches every process of the job, and Ctrl-C every process of the
+    terminal's process group, workers included). Linux also ends a worker when its process ends, however
+    it ends: a worker never outlives the process it loads for."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class StepLoader:
@@ -205,6 +212,7 @@ class StepLoader:
         # building it with their reasons (to trace a batch, or a bad sample, back to its shard).
         self.last_step_samples: list[SampleRef] = []
         self.last_step_skipped: list[tuple[SampleRef, str]] = []
+        self._worker_iterators: list = []
 
     def __iter__(self) -> Iterator[list[dict]]:
         steps = _Steps(self)
@@ -217,15 +225,32 @@ class StepLoader:
                     batch_size=None,
                     num_workers=self.cfg.num_workers,
                     pin_memory=torch.cuda.is_available(),
-                    worker_init_fn=ignore_stop_signals,
+                    worker_init_fn=_start_worker,
                 )
             )
+            self._worker_iterators.append(items)
         for step, worker, batches, started, skipped, state in items:
             assert step == self.step, f"loader step {step} arrived when {self.step} was expected"
             self.worker_states[worker] = state
             self.step += 1
             self.last_step_samples, self.last_step_skipped = started, skipped
             yield batches
+
+    def close(self) -> None:
+        """End the worker processes: those that do not stop within seconds are killed.
+
+        A process that stops with an error must call this: workers ignore SIGTERM, so the shutdown
+        Python's multiprocessing does at exit (SIGTERM, then wait) would wait for them forever.
+        """
+        while self._worker_iterators:
+            items = self._worker_iterators.pop()
+            # torch's own shutdown asks the workers to stop and stops watching them for failures;
+            # a worker still busy after it (a stuck read) is then killed, without alarming torch.
+            items._shutdown_workers()
+            for worker in items._workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
 
     # -- counters -------------------------------------------------------------------------------
 

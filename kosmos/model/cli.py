@@ -70,11 +70,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from kosmos.checkpoint import load_model_from_checkpoint
     from kosmos.data import image_transform
     from kosmos.data.decode import decode_image
     from kosmos.data.shards import SkipSample
     from kosmos.model import generate
-    from kosmos.train.checkpoint import load_model_from_checkpoint
 
     if not any(kind == "text" for kind, _ in args.parts):
         return _fail("give a --prompt")
