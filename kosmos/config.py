@@ -47,7 +47,9 @@ def parse_yaml(text: str, source: str) -> Any:
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         problem = getattr(error, "problem", None) or str(error)
         context = getattr(error, "context", None)
-        raise ConfigError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")) from None
+        raise ConfigError(
+            f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+        ) from None
 
 
 def _join(prefix: str, key: str) -> str:

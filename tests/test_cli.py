@@ -51,7 +51,9 @@ def stderr_lines(capsys) -> list[str]:
 
 
 def test_an_unreadable_image_is_one_line_and_exit_code_2(capsys, tmp_path):
-    code = main(["generate", "--checkpoint", str(tmp_path), "--image", str(REPO / "README.md"), "--prompt", "A"])
+    code = main(
+        ["generate", "--checkpoint", str(tmp_path), "--image", str(REPO / "README.md"), "--prompt", "A"]
+    )
     assert code == EXIT_USAGE
     (line,) = stderr_lines(capsys)
     assert line.startswith("kosmos generate: error: --image:") and "README.md" in line
@@ -95,7 +97,9 @@ def test_debug_keeps_the_traceback_and_unexpected_errors_always_show_it(capsys, 
     assert stderr_lines(capsys) == ["kosmos model: config error: model.text.layers: planted"]
     assert main(["--debug", "model", "summary", "--config", "x"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.strip().endswith("kosmos model: config error: model.text.layers: planted")
+    assert "Traceback" in err and err.strip().endswith(
+        "kosmos model: config error: model.text.layers: planted"
+    )
 
     monkeypatch.setattr(kosmos.model.cli, "_summary", fails(ZeroDivisionError("a bug")))
     assert main(["model", "summary", "--config", "x"]) == EXIT_FAILURE

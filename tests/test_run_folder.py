@@ -47,7 +47,9 @@ def config() -> TrainConfig:
 
 
 def changed(cfg: TrainConfig, *overrides: str) -> TrainConfig:
-    return config_io.from_dict(TrainConfig, config_io.apply_overrides(config_io.to_dict(cfg), list(overrides)))
+    return config_io.from_dict(
+        TrainConfig, config_io.apply_overrides(config_io.to_dict(cfg), list(overrides))
+    )
 
 
 def test_a_resume_applies_free_keys_and_refuses_the_rest_unless_allowed(config, tmp_path):
@@ -80,7 +82,9 @@ def test_a_model_of_another_shape_is_refused_even_when_allowed(config, tmp_path)
         resume_changes(tmp_path, changed(config, "model.text.width=64"), ["model"])
     # A change that leaves every parameter's shape alone can be allowed.
     dropout = changed(config, "model.text.dropout=0.1")
-    assert [c.key for c in resume_changes(tmp_path, dropout, ["model.text.dropout"])] == ["model.text.dropout"]
+    assert [c.key for c in resume_changes(tmp_path, dropout, ["model.text.dropout"])] == [
+        "model.text.dropout"
+    ]
 
 
 def test_keys_only_one_version_of_the_config_has_are_recorded_not_refused(config, tmp_path):

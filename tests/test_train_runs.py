@@ -397,7 +397,15 @@ CRASH_IN_STEP_3 = textwrap.dedent(
 
 
 def test_a_crash_with_loader_workers_exits_with_its_error(recipe, tmp_path):
-    args = ["train", "--config", str(recipe), "--run-dir", str(tmp_path / "run"), *SMALL, "data.num_workers=2"]
+    args = [
+        "train",
+        "--config",
+        str(recipe),
+        "--run-dir",
+        str(tmp_path / "run"),
+        *SMALL,
+        "data.num_workers=2",
+    ]
     process = subprocess.Popen(
         [sys.executable, "-c", CRASH_IN_STEP_3, *args],
         stdout=subprocess.PIPE,
@@ -435,12 +443,15 @@ def test_ctrl_c_checkpoints_and_the_resume_is_bit_identical(recipe, tmp_path):
         while not (log.is_file() and log.read_text().strip()):
             assert process.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.2)
+        holder = json.loads((interrupted / ".lock.holder").read_text())
+        assert (holder["pid"], holder["host"]) == (process.pid, socket.gethostname())
         os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process, workers included
         output = process.communicate(timeout=120)[0]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, output[-3000:]
+    assert not (interrupted / ".lock.holder").exists()  # released
     stopped = max(metrics(interrupted))
     assert f"stopped at step {stopped} by SIGINT" in output and "Traceback" not in output
     assert latest(interrupted) == checkpoint_tag(stopped)
@@ -452,7 +463,15 @@ def test_ctrl_c_checkpoints_and_the_resume_is_bit_identical(recipe, tmp_path):
     first, second = metrics(straight), metrics(interrupted)
     assert sorted(second) == list(range(1, end + 1))
     for step in range(1, end + 1):
-        for key in ("loss", "loss_text", "loss_caption", "loss_interleaved", "grad_norm", "lr", "tokens_seen"):
+        for key in (
+            "loss",
+            "loss_text",
+            "loss_caption",
+            "loss_interleaved",
+            "grad_norm",
+            "lr",
+            "tokens_seen",
+        ):
             assert second[step][key] == first[step][key], (step, key)
     before, after = weights(straight, end), weights(interrupted, end)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -468,14 +487,17 @@ def test_a_resume_with_another_lr_is_refused_unless_allowed_and_then_recorded(re
     refused = run(train_command(recipe, run_dir, *more, "optimizer.lr=1e-3"))
     assert refused.returncode == 2
     assert "optimizer.lr: 0.002 -> 0.001" in refused.stderr and "--allow-config-change" in refused.stderr
-    wider = run(train_command(recipe, run_dir, *more, "model.text.width=64", "--allow-config-change", "model"))
+    wider = run(
+        train_command(recipe, run_dir, *more, "model.text.width=64", "--allow-config-change", "model")
+    )
     assert wider.returncode == 2 and "another shape" in wider.stderr
     for result in (refused, wider):
         assert "Traceback" not in result.stderr
     assert (run_dir / "config.yaml").read_text() == config  # nothing was written
     assert len(read_history(run_dir)) == 1 and max(metrics(run_dir)) == 4
 
-    allowed = run(train_command(recipe, run_dir, *more, "optimizer.lr=1e-3", "--allow-config-change", "optimizer.lr"))
+    allow = ["optimizer.lr=1e-3", "--allow-config-change", "optimizer.lr"]
+    allowed = run(train_command(recipe, run_dir, *more, *allow))
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]["lr"] == 1e-3
     first, second = read_history(run_dir)
@@ -492,29 +514,35 @@ def test_a_resume_with_another_lr_is_refused_unless_allowed_and_then_recorded(re
     assert records[5]["lr"] == pytest.approx(1e-3 * lr_factor(4, 5, 6))
 
 
+HOLD_RUN_FOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from kosmos.train.run_folder import RunLock
+    lock = RunLock(Path(sys.argv[1]))
+    lock.acquire()
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
 def test_a_second_training_on_a_folder_in_use_is_refused(recipe, tmp_path):
+    """The first training is stood in for by a process holding the lock as training does (the
+    Ctrl-C test checks that a training holds it)."""
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(
-        train_command(recipe, run_dir, "train.max_steps=500", "checkpoint.interval=1000"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RUN_FOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True, env=ENV
     )
     try:
-        deadline = time.time() + 180
-        while not (run_dir / "metrics.jsonl").is_file():
-            assert first.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.2)
-        second = run(train_command(recipe, run_dir, "train.max_steps=500"))
-        first.send_signal(signal.SIGTERM)
-        output = first.communicate(timeout=120)[0]
+        assert holder.stdout.readline().strip() == "holding"
+        second = run(train_command(recipe, run_dir))
     finally:
-        first.kill()
+        holder.kill()
+        holder.wait()
     assert second.returncode == 1
-    assert f"{run_dir} is in use by process {first.pid} on {socket.gethostname()}" in second.stderr
-    assert first.returncode == 0, output[-3000:]
-    assert len(read_history(run_dir)) == 1
+    assert f"{run_dir} is in use by process {holder.pid} on {socket.gethostname()}" in second.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", ".lock.holder"]  # nothing written
 
 
 def test_a_launch_refused_after_locking_a_new_folder_leaves_nothing(recipe, tmp_path):

@@ -48,9 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("random", "rices", "stratified"),
         help="how demonstrations are chosen (default random)",
     )
-    parser.add_argument("--trials", type=positive_int, default=1, help="repeats with different random demonstrations")
+    parser.add_argument(
+        "--trials", type=positive_int, default=1, help="repeats with different random demonstrations"
+    )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass and rank")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="prompts per forward pass and rank"
+    )
     parser.add_argument(
         "--data-root", type=Path, default=Path("."), help="folder the tasks' data roots are in"
     )

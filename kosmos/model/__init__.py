@@ -3,7 +3,13 @@
 from kosmos import lazy_exports
 
 _MODULES = {
-    "kosmos.model.config": ["ConnectorConfig", "ModelConfig", "TextConfig", "VisionConfig", "load_model_config"],
+    "kosmos.model.config": [
+        "ConnectorConfig",
+        "ModelConfig",
+        "TextConfig",
+        "VisionConfig",
+        "load_model_config",
+    ],
     "kosmos.model.flops": ["language_flops_per_token", "parameter_counts", "vision_flops_per_image"],
     "kosmos.model.generation": ["generate", "pad_batch", "sequence_log_likelihood"],
     "kosmos.model.kosmos": ["KosmosModel", "KosmosOutput", "KVCache"],

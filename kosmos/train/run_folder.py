@@ -213,7 +213,12 @@ def _check_same_parameters(old, new, run_dir: Path) -> None:
 
 
 def record_launch(
-    run_dir: Path, cfg: TrainConfig, changes: list[Change], start_step: int, resumed_from: str | None, ranks: int
+    run_dir: Path,
+    cfg: TrainConfig,
+    changes: list[Change],
+    start_step: int,
+    resumed_from: str | None,
+    ranks: int,
 ) -> None:
     """Write the launch's config to `config.yaml` and append its line to `history.jsonl`."""
     config_io.dump(cfg, run_dir / CONFIG)

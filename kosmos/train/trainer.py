@@ -288,13 +288,17 @@ def train(cfg: TrainConfig, run_dir: Path, allowed_changes: list[str] | None = N
         check_hardware(cfg, env)
         _on_main(env, lambda: lock.acquire())
         resuming = read_latest(run_dir / "checkpoints") is not None
-        changes = _on_main(env, lambda: resume_changes(run_dir, cfg, allowed_changes or []) if resuming else [])
+        changes = _on_main(
+            env, lambda: resume_changes(run_dir, cfg, allowed_changes or []) if resuming else []
+        )
         trainer = Trainer(cfg, run_dir, env)
         if env.is_main:
-            resumed_from = trainer.resumed_from and str(trainer.resumed_from.relative_to(run_dir))
+            resumed_from = (
+                None if trainer.resumed_from is None else str(trainer.resumed_from.relative_to(run_dir))
+            )
             record_launch(run_dir, cfg, changes, trainer.state.step, resumed_from, env.world_size)
             for change in changes:
-                trainer._print(f"resuming with {change.key}: {change.old!r} -> {change.new!r}")
+                print(f"resuming with {change.key}: {change.old!r} -> {change.new!r}", flush=True)
         return trainer.run()
     finally:
         if trainer is not None:
