@@ -15,9 +15,11 @@ first worker takes the worker whose turn is next.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import signal
 import sys
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -177,6 +179,25 @@ def _start_worker(worker_id: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _end_workers(iterators: weakref.WeakSet) -> None:
+    """Stop the worker processes of DataLoader iterators; those still busy after seconds are killed."""
+    for items in list(iterators):
+        # torch's own shutdown asks the workers to stop and stops watching them for failures; a
+        # worker still busy after it (a stuck read) is then killed, without alarming torch.
+        items._shutdown_workers()
+        for worker in items._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+
+# Every loader's running workers, weakly. At exit they are stopped by this hook: registered after
+# torch's, it runs before it (last in, first out), while torch can still shut workers down, and
+# before multiprocessing's, which would send them SIGTERM and wait for them forever.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+atexit.register(_end_workers, _RUNNING)
+
+
 class StepLoader:
     """Iterate for each step's micro-batches (a list of `micro_batches_per_step` batch dicts).
 
@@ -212,7 +233,9 @@ class StepLoader:
         # building it with their reasons (to trace a batch, or a bad sample, back to its shard).
         self.last_step_samples: list[SampleRef] = []
         self.last_step_skipped: list[tuple[SampleRef, str]] = []
-        self._worker_iterators: list = []
+        # Weakly: a strong reference would tie the workers' lifetime to this loader's (a reference
+        # cycle through the dataset) instead of to the iteration that started them.
+        self._worker_iterators: weakref.WeakSet = weakref.WeakSet()
 
     def __iter__(self) -> Iterator[list[dict]]:
         steps = _Steps(self)
@@ -228,7 +251,8 @@ class StepLoader:
                     worker_init_fn=_start_worker,
                 )
             )
-            self._worker_iterators.append(items)
+            self._worker_iterators.add(items)
+            _RUNNING.add(items)
         for step, worker, batches, started, skipped, state in items:
             assert step == self.step, f"loader step {step} arrived when {self.step} was expected"
             self.worker_states[worker] = state
@@ -237,20 +261,8 @@ class StepLoader:
             yield batches
 
     def close(self) -> None:
-        """End the worker processes: those that do not stop within seconds are killed.
-
-        A process that stops with an error must call this: workers ignore SIGTERM, so the shutdown
-        Python's multiprocessing does at exit (SIGTERM, then wait) would wait for them forever.
-        """
-        while self._worker_iterators:
-            items = self._worker_iterators.pop()
-            # torch's own shutdown asks the workers to stop and stops watching them for failures;
-            # a worker still busy after it (a stuck read) is then killed, without alarming torch.
-            items._shutdown_workers()
-            for worker in items._workers:
-                if worker.is_alive():
-                    worker.kill()
-                    worker.join()
+        """Stop this loader's worker processes now (a training that ends with an error calls it)."""
+        _end_workers(self._worker_iterators)
 
     # -- counters -------------------------------------------------------------------------------
 
