@@ -28,6 +28,7 @@ from filelock import FileLock, Timeout
 
 from kosmos import config as config_io
 from kosmos.config import ConfigError
+from kosmos.model import ModelConfig
 from kosmos.train.config import TrainConfig
 
 CONFIG = "config.yaml"
@@ -178,20 +179,20 @@ def resume_changes(run_dir: Path, cfg: TrainConfig, allowed: list[str]) -> list[
             f"{run_dir} has checkpoints trained with other settings; resuming would change\n{lines}\n"
             f"Allow each change with --allow-config-change KEY (a key or a section, e.g. optimizer.lr), or "
             f"train into a new --run-dir (train.init_from={run_dir} starts from these weights). A resume "
-            f"changes without asking: {', '.join(FREE_ON_RESUME)}"
+            f"changes without asking: {', '.join(k + '*' if k.endswith('.') else k for k in FREE_ON_RESUME)}"
         )
     if any(c.key.startswith("model.") for c in changes):
-        _check_same_parameters(config_io.from_dict(TrainConfig, old).model, cfg.model, run_dir)
+        _check_same_parameters(config_io.from_dict(ModelConfig, old["model"], "model"), cfg.model, run_dir)
     return changes
 
 
-def _check_same_parameters(old, new, run_dir: Path) -> None:
+def _check_same_parameters(old: ModelConfig, new: ModelConfig, run_dir: Path) -> None:
     """A model change the checkpoints can still load: the same parameter names and shapes."""
     import torch
 
     from kosmos.model import KosmosModel
 
-    def shapes(model_cfg) -> dict[str, tuple[int, ...]]:
+    def shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
             # No weights are read: the shapes are the config's, and the CLIP file may have moved.
             vision = dataclasses.replace(model_cfg.vision, weights=None)
