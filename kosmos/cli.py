@@ -1,7 +1,7 @@
 """The `kosmos` command line: one entry point, each area registering its own sub-commands.
 
-Exit codes: 0 success; 1 a failure while working (a damaged checkpoint, a corpus that can no longer
-feed training, a run of non-finite steps, an unexpected error); 2 a usage, config or input error (an
+Exit codes: 0 success; 1 a failure while working (a corpus that can no longer feed training, a run
+of non-finite steps, a run folder in use, an unexpected error); 2 a usage, config or input error (an
 unknown option or key, a missing or unreadable file, an impossible setting); 130 interrupted.
 An expected failure prints one line on stderr; `kosmos --debug ...` prints its traceback too.
 """
