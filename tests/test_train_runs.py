@@ -312,7 +312,7 @@ def test_preemption_signal_to_every_process_checkpoints_and_exits_cleanly(recipe
     ]
     command = [
         *torchrun, "--nproc_per_node=2", "-m", "kosmos", "train", "--config", str(recipe), "--run-dir", str(run_dir),
-        *SMALL, "train.max_steps=500", "checkpoint.interval=1000", "data.num_workers=1",
+        *SMALL, "train.max_steps=500", "checkpoint.interval=1000", "data.num_workers=2",
     ]  # fmt: skip
     process = subprocess.Popen(
         ["bash", "-c", 'trap "" USR1 TERM; exec "$@"', "_", *command],
