@@ -222,7 +222,9 @@ def record_launch(
     ranks: int,
 ) -> None:
     """Write the launch's config to `config.yaml` and append its line to `history.jsonl`."""
-    config_io.dump(cfg, run_dir / CONFIG)
+    partial = run_dir / (CONFIG + ".tmp")
+    config_io.dump(cfg, partial)
+    os.replace(partial, run_dir / CONFIG)  # a launch that dies here leaves the previous config whole
     record = {
         "time": _now(),
         "host": socket.gethostname(),
