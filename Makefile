@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The demo: sample corpus (built by the tiny recipe when sample/ is absent) -> tiny model trained
+# The demo: sample corpus (built when sample/ is absent) -> tiny model trained
 # under DeepSpeed on CPU -> evaluated on held-out digits -> exported to `transformers`. Running it
 # again resumes the finished run and re-uses its evaluation.
 RUN ?= runs/tiny
 demo: install
+	test -d sample || $(BIN)/kosmos data sample --out sample
 	$(BIN)/kosmos train --config configs/train/tiny.yaml --run-dir $(RUN)
 	$(BIN)/kosmos eval --checkpoint $(RUN) --tasks digits_vqa,digits_classification,digits_captioning \
 		--data-root sample --out $(RUN)/eval

@@ -36,6 +36,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from kosmos.cli import non_negative_int, positive_int
+
 NEVER = -1  # an end-of-sequence id no token has: benchmarked generations run their full length
 
 
@@ -45,14 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = benches.add_parser("train", help="training steps (DeepSpeed engine, synthetic batches)")
     _common(train, steps=10, warmup=3)
-    train.add_argument("--images-per-row", type=int, default=1, help="images in each row (default 1)")
+    train.add_argument(
+        "--images-per-row", type=positive_int, default=1, help="images in each row (default 1)"
+    )
     train.add_argument(
         "--memory",
         action="store_true",
         help="CUDA: per ZeRO stage, the largest micro-batch that fits with and without activation "
         "checkpointing, and the fewest checkpointed layers the configured micro-batch needs",
     )
-    train.add_argument("--max-micro-batch", type=int, default=64, help="--memory searches up to this")
+    train.add_argument(
+        "--max-micro-batch", type=positive_int, default=64, help="--memory searches up to this"
+    )
     train.add_argument(
         "--profile",
         metavar="TRACE",
@@ -62,9 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     generate = benches.add_parser("generate", help="greedy decoding with a KV cache")
     _common(generate, steps=5, warmup=1)
-    generate.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
-    generate.add_argument("--prompt-tokens", type=int, default=16, help="text tokens after the image")
-    generate.add_argument("--new-tokens", type=int, default=64, help="tokens generated (default 64)")
+    generate.add_argument(
+        "--batch", type=positive_int, default=1, help="prompts decoded together (default 1)"
+    )
+    generate.add_argument(
+        "--prompt-tokens", type=positive_int, default=16, help="text tokens after the image"
+    )
+    generate.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated (default 64)")
     generate.add_argument(
         "--compile",
         action="store_true",
@@ -76,8 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--config", required=True, help="training YAML (its model, tokenizer and data sections)"
     )
-    data.add_argument("--steps", type=int, default=20, help="timed optimizer steps of data (default 20)")
-    data.add_argument("--warmup", type=int, default=2, help="untimed steps first (worker start-up)")
+    data.add_argument(
+        "--steps", type=positive_int, default=20, help="timed optimizer steps of data (default 20)"
+    )
+    data.add_argument(
+        "--warmup", type=non_negative_int, default=2, help="untimed steps first (worker start-up)"
+    )
     data.add_argument("--json", action="store_true", help="print one JSON object")
     data.add_argument("overrides", nargs="*", help="config overrides, e.g. data.num_workers=0")
     data.set_defaults(handler=bench_data)
@@ -85,8 +99,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser, steps: int, warmup: int) -> None:
     parser.add_argument("--config", required=True, help="training YAML or model YAML")
-    parser.add_argument("--steps", type=int, default=steps, help=f"timed repetitions (default {steps})")
-    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed ones first (default {warmup})")
+    parser.add_argument(
+        "--steps", type=positive_int, default=steps, help=f"timed repetitions (default {steps})"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=warmup, help=f"untimed ones first (default {warmup})"
+    )
     parser.add_argument("--hf", action="store_true", help="also time transformers' Kosmos-2, alternating")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training-config overrides")

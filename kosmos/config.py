@@ -1,12 +1,14 @@
 """Strict YAML configs: dataclasses filled from YAML, dotted overrides, errors that name the key.
 
 Every config section is a dataclass. `from_dict` refuses unknown keys and values of the wrong type,
-naming the full dotted key, so a typo stops a run before any compute.
+naming the full dotted key, so a typo stops a run before any compute. YAML is read as YAML 1.2 reads
+numbers: `1e-3` is a float (PyYAML, a YAML 1.1 parser, would read it as a string).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +21,35 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value is unknown, missing or of the wrong type; the message names the key."""
+
+
+class InputError(ValueError):
+    """A command-line option or input file cannot be used; the message says which and why."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: a mantissa without a dot (`1e-3`, `2E+8`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes a ConfigError naming `source`, line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a subclass of the safe loader
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(error, "problem", None) or str(error)
+        context = getattr(error, "context", None)
+        raise ConfigError(
+            f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+        ) from None
 
 
 def _join(prefix: str, key: str) -> str:
@@ -120,8 +151,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with path.open() as f:
-        data = yaml.safe_load(f)
+    data = parse_yaml(path.read_text(), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -148,7 +178,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node = node.setdefault(key, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"{where}: is not a section, cannot set {dotted}")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw, f"override {override!r}") if raw.strip() else ""
         if isinstance(node, list):
             node[_list_index(node, keys[-1], dotted)] = value
         else:

@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kosmos import config as config_io
+from kosmos.checkpoint import load_model_from_checkpoint, resolve_checkpoint
 from kosmos.cli import main
 from kosmos.convert import ConversionError, checkpoint_to_hf, export_to_hf
 from kosmos.data import image_transform
 from kosmos.model import KosmosModel, generate, load_model_config, pad_batch
-from kosmos.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

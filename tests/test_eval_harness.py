@@ -7,8 +7,9 @@ import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
+from kosmos.config import ConfigError
 from kosmos.eval.datasets import Sample
-from kosmos.eval.harness import EvalOptions, evaluate
+from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
 from kosmos.eval.runners import run_batch
 from kosmos.eval.tasks import load_task
 
@@ -279,3 +280,8 @@ def test_samples_are_sharded_over_ranks_and_gathered_on_rank_zero(setup):
     assert sorted(json.loads(x)["id"] for x in lines) == sorted(
         f"d{c}-{n}" for c in range(3) for n in range(4)
     )
+
+
+def test_more_shots_than_demonstrations_stop_before_the_model_loads(setup):
+    with pytest.raises(ConfigError, match=r"--shots: 10000 demonstrations asked for, but .* digits_rank has \d+"):
+        prepare_tasks(options(setup, shots=[0, 10_000]))

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kosmos.checkpoint import CheckpointError, resolve_checkpoint
 from kosmos.config import ConfigError
 from kosmos.data.shards import CorpusWriter
 from kosmos.model import KosmosModel
-from kosmos.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_tag, resolve_checkpoint
+from kosmos.train.checkpoint import CheckpointManager, checkpoint_tag
 from kosmos.train.config import check_inputs, load_train_config
 from kosmos.train.engine import deepspeed_config
 from kosmos.train.metrics import truncate_metrics
@@ -95,7 +96,9 @@ def test_input_files_are_checked(recipe, tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer"):
         check_inputs(load_train_config(recipe, [vocab(tokenizer), f"tokenizer={tmp_path}/none.model"]))
     missing = "data.corpora=[{kind: text, path: nowhere, tokens_per_step: 64}]"
-    with pytest.raises(ConfigError, match=r"data\.corpora\[0\]\.path"):
+    with pytest.raises(
+        ConfigError, match=r"data\.corpora\[0\]\.path: nowhere does not exist.*kosmos data sample"
+    ):
         check_inputs(load_train_config(recipe, [vocab(tokenizer), missing]))
     with pytest.raises(ConfigError, match=r"train\.init_from"):
         check_inputs(load_train_config(recipe, [vocab(tokenizer), "train.init_from=runs/none"]))

@@ -20,10 +20,11 @@ import pytest
 import torch
 import yaml
 
+from kosmos.checkpoint import CheckpointError, consolidated_state_dict
 from kosmos.data.sample import build_sample
 from kosmos.model import KosmosModel, load_model_config
 from kosmos.tokenizer import IGNORE_INDEX
-from kosmos.train.checkpoint import CheckpointError, checkpoint_tag, consolidated_state_dict
+from kosmos.train.checkpoint import checkpoint_tag
 from kosmos.train.elastic import Resize, derived_seed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,10 +23,13 @@ import pytest
 import torch
 import yaml
 
+from kosmos.checkpoint import consolidated_state_dict, load_model_from_checkpoint
 from kosmos.data.build import build_instruction
 from kosmos.data.sample import NUMBER_WORDS, build_sample
 from kosmos.model import KosmosModel, load_model_config
-from kosmos.train.checkpoint import checkpoint_tag, consolidated_state_dict, load_model_from_checkpoint
+from kosmos.train.checkpoint import checkpoint_tag
+from kosmos.train.optim import lr_factor
+from kosmos.train.run_folder import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -309,7 +312,7 @@ def test_preemption_signal_to_every_process_checkpoints_and_exits_cleanly(recipe
     ]
     command = [
         *torchrun, "--nproc_per_node=2", "-m", "kosmos", "train", "--config", str(recipe), "--run-dir", str(run_dir),
-        *SMALL, "train.max_steps=500", "checkpoint.interval=1000", "data.num_workers=1",
+        *SMALL, "train.max_steps=500", "checkpoint.interval=1000", "data.num_workers=2",
     ]  # fmt: skip
     process = subprocess.Popen(
         ["bash", "-c", 'trap "" USR1 TERM; exec "$@"', "_", *command],
@@ -362,3 +365,188 @@ def test_instruction_tuning_starts_from_the_pretrained_weights(recipe, tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
     record = metrics(tuned)[1]
     assert record["loss_instruction"] > 0 and record["tokens_instruction"] > 0
+
+
+def session_processes(session: int) -> list[int]:
+    """The live processes of a session (a process started with start_new_session=True leads one)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+CRASH_IN_STEP_3 = textwrap.dedent(
+    """
+    import sys
+    from kosmos.train.trainer import Trainer
+    train_step = Trainer._train_step
+    def failing_step(self, micro_batches):
+        if self.state.step == 2:
+            raise RuntimeError("planted failure in step 3")
+        return train_step(self, micro_batches)
+    Trainer._train_step = failing_step
+    from kosmos.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_crash_with_loader_workers_exits_with_its_error(recipe, tmp_path):
+    args = [
+        "train",
+        "--config",
+        str(recipe),
+        "--run-dir",
+        str(tmp_path / "run"),
+        *SMALL,
+        "data.num_workers=2",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-c", CRASH_IN_STEP_3, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=240)  # a hang fails here
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "RuntimeError: planted failure in step 3" in stderr
+    time.sleep(1)
+    assert session_processes(process.pid) == []  # no loader worker outlives the run
+
+
+def test_ctrl_c_checkpoints_and_the_resume_is_bit_identical(recipe, tmp_path):
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    # A warm-up longer than any of these runs: the LR does not depend on train.max_steps.
+    common = ["data.num_workers=2", "optimizer.warmup_steps=1000", "checkpoint.interval=1000"]
+    process = subprocess.Popen(
+        train_command(recipe, interrupted, *common, "train.max_steps=500"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        log = interrupted / "metrics.jsonl"
+        while not (log.is_file() and log.read_text().strip()):
+            assert process.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        holder = json.loads((interrupted / ".lock.holder").read_text())
+        assert (holder["pid"], holder["host"]) == (process.pid, socket.gethostname())
+        os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process, workers included
+        output = process.communicate(timeout=120)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    assert not (interrupted / ".lock.holder").exists()  # released
+    stopped = max(metrics(interrupted))
+    assert f"stopped at step {stopped} by SIGINT" in output and "Traceback" not in output
+    assert latest(interrupted) == checkpoint_tag(stopped)
+
+    end = stopped + 3
+    for run_dir in (interrupted, straight):
+        result = run(train_command(recipe, run_dir, *common, f"train.max_steps={end}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = metrics(straight), metrics(interrupted)
+    assert sorted(second) == list(range(1, end + 1))
+    for step in range(1, end + 1):
+        for key in (
+            "loss",
+            "loss_text",
+            "loss_caption",
+            "loss_interleaved",
+            "grad_norm",
+            "lr",
+            "tokens_seen",
+        ):
+            assert second[step][key] == first[step][key], (step, key)
+    before, after = weights(straight, end), weights(interrupted, end)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_resume_with_another_lr_is_refused_unless_allowed_and_then_recorded(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(train_command(recipe, run_dir, "train.max_steps=4", "checkpoint.interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (run_dir / "config.yaml").read_text()
+
+    more = ["train.max_steps=6", "checkpoint.interval=2"]
+    refused = run(train_command(recipe, run_dir, *more, "optimizer.lr=1e-3"))
+    assert refused.returncode == 2
+    assert "optimizer.lr: 0.002 -> 0.001" in refused.stderr and "--allow-config-change" in refused.stderr
+    wider = run(
+        train_command(recipe, run_dir, *more, "model.text.width=64", "--allow-config-change", "model")
+    )
+    assert wider.returncode == 2 and "another shape" in wider.stderr
+    for result in (refused, wider):
+        assert "Traceback" not in result.stderr
+    assert (run_dir / "config.yaml").read_text() == config  # nothing was written
+    assert len(read_history(run_dir)) == 1 and max(metrics(run_dir)) == 4
+
+    allow = ["optimizer.lr=1e-3", "--allow-config-change", "optimizer.lr"]
+    allowed = run(train_command(recipe, run_dir, *more, *allow))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]["lr"] == 1e-3
+    first, second = read_history(run_dir)
+    assert (first["start_step"], first["resumed_from"], first["config"]["optimizer"]["lr"]) == (0, None, 2e-3)
+    assert (second["start_step"], second["resumed_from"]) == (4, f"checkpoints/{checkpoint_tag(4)}")
+    assert second["config_changes"] == {
+        "optimizer.lr": {"old": 2e-3, "new": 1e-3},
+        "train.max_steps": {"old": 4, "new": 6},
+    }
+    assert "kosmos" in second["command"][0] and "optimizer.lr=1e-3" in second["command"]
+    # The new peak LR drives the schedule from the first resumed step (warm-up of 5 steps, end at 6).
+    records = metrics(run_dir)
+    assert records[4]["lr"] == pytest.approx(2e-3 * lr_factor(3, 5, 4))
+    assert records[5]["lr"] == pytest.approx(1e-3 * lr_factor(4, 5, 6))
+
+
+HOLD_RUN_FOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from kosmos.train.run_folder import RunLock
+    lock = RunLock(Path(sys.argv[1]))
+    lock.acquire()
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_second_training_on_a_folder_in_use_is_refused(recipe, tmp_path):
+    """The first training is stood in for by a process holding the lock as training does (the
+    Ctrl-C test checks that a training holds it)."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RUN_FOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        second = run(train_command(recipe, run_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 1
+    assert f"{run_dir} is in use by process {holder.pid} on {socket.gethostname()}" in second.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", ".lock.holder"]  # nothing written
+
+
+def test_a_launch_refused_after_locking_a_new_folder_leaves_nothing(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(train_command(recipe, run_dir, "data.micro_batch_size=3"))  # found by the loader
+    assert result.returncode == 2 and "data.micro_batch_size" in result.stderr
+    assert not run_dir.exists()

@@ -4,9 +4,9 @@
 `config.json`, safetensors weights (sharded when large), the XLM-RoBERTa tokenizer built over our
 SentencePiece file (same ids as ours) and a `Kosmos2Processor` with our image size. `hf_to_checkpoint`
 turns such a folder (ours, or a published Kosmos-2) into one of our checkpoint folders, the format
-the trainer writes and reads (`kosmos.train.checkpoint`). Both write into a hidden staging folder
-beside their output and rename it into place only when complete, so a refusal or a crash leaves
-nothing behind.
+the trainer writes (`kosmos.train.checkpoint`) and everything reads (`kosmos.checkpoint`). Both write
+into a hidden staging folder beside their output and rename it into place only when complete, so a
+refusal or a crash leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _check_same_tensors(
 
 def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", **kwargs) -> Path:
     """`export_to_hf` of a run folder (its latest checkpoint) or a checkpoint folder, any ZeRO stage."""
-    from kosmos.train.checkpoint import (
+    from kosmos.checkpoint import (
         MODEL_CONFIG,
         CheckpointError,
         load_model_from_checkpoint,
@@ -260,7 +260,7 @@ def save_checkpoint(
 
     Joins (or starts) a one-process group, as `kosmos train` does.
     """
-    from kosmos.train.checkpoint import MODEL_CONFIG, TOKENIZER
+    from kosmos.checkpoint import MODEL_CONFIG, TOKENIZER
     from kosmos.train.engine import init_distributed
 
     init_distributed()  # before DeepSpeed's first import: it picks the CPU accelerator there

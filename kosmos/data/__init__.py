@@ -4,17 +4,12 @@
 resume); `image_transform(size)` is the CLIP preprocessing that evaluation and generation share.
 """
 
-from kosmos.data.config import CorpusConfig, DataConfig
-from kosmos.data.decode import image_transform
-from kosmos.data.loader import StepLoader, build_loader
-from kosmos.data.stream import DataError, SampleRef
+from kosmos import lazy_exports
 
-__all__ = [
-    "CorpusConfig",
-    "DataConfig",
-    "DataError",
-    "SampleRef",
-    "StepLoader",
-    "build_loader",
-    "image_transform",
-]
+_MODULES = {
+    "kosmos.data.config": ["CorpusConfig", "DataConfig"],
+    "kosmos.data.decode": ["image_transform"],
+    "kosmos.data.loader": ["StepLoader", "build_loader"],
+    "kosmos.data.stream": ["DataError", "SampleRef"],
+}
+__getattr__ = lazy_exports(__name__, _MODULES)

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from kosmos.cli import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="build and inspect WebDataset corpora")
@@ -65,8 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(
             "--out", required=True, type=Path, help="corpus folder to create (absent or empty)"
         )
-        parser.add_argument("--samples-per-shard", type=int, default=10_000)
-        parser.add_argument("--max-shard-mb", type=int, default=1024)
+        parser.add_argument("--samples-per-shard", type=positive_int, default=10_000)
+        parser.add_argument("--max-shard-mb", type=positive_int, default=1024)
         parser.set_defaults(handler=_build)
 
     inspect = commands.add_parser("inspect", help="samples, tokens, images and skips of a corpus folder")

@@ -15,7 +15,11 @@ first worker takes the worker whose turn is next.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import signal
+import sys
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -32,6 +36,7 @@ from kosmos.data.stream import CorpusStream, SampleRef
 from kosmos.tokenizer import Tokenizer
 
 STATE_VERSION = 1
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
 
 
 def rows_per_step(
@@ -163,11 +168,34 @@ class _Steps(IterableDataset):
             step += loader.num_workers
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave pre-emption signals to the training process, which checkpoints and then
-    shuts them down (under SLURM a signal reaches every process of the job, workers included)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+def _start_worker(worker_id: int) -> None:
+    """Loader workers leave stop signals to the training process, which checkpoints and then shuts
+    them down (under SLURM a signal reaches every process of the job, and Ctrl-C every process of the
+    terminal's process group, workers included). Linux also ends a worker when its process ends, however
+    it ends: a worker never outlives the process it loads for."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _end_workers(iterators: weakref.WeakSet) -> None:
+    """Stop the worker processes of DataLoader iterators; those still busy after seconds are killed."""
+    for items in list(iterators):
+        # torch's own shutdown asks the workers to stop and stops watching them for failures; a
+        # worker still busy after it (a stuck read) is then killed, without alarming torch.
+        items._shutdown_workers()
+        for worker in items._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+
+# Every loader's running workers, weakly. At exit they are stopped by this hook: registered after
+# torch's, it runs before it (last in, first out), while torch can still shut workers down, and
+# before multiprocessing's, which would send them SIGTERM and wait for them forever.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+atexit.register(_end_workers, _RUNNING)
 
 
 class StepLoader:
@@ -205,6 +233,9 @@ class StepLoader:
         # building it with their reasons (to trace a batch, or a bad sample, back to its shard).
         self.last_step_samples: list[SampleRef] = []
         self.last_step_skipped: list[tuple[SampleRef, str]] = []
+        # Weakly: a strong reference would tie the workers' lifetime to this loader's (a reference
+        # cycle through the dataset) instead of to the iteration that started them.
+        self._worker_iterators: weakref.WeakSet = weakref.WeakSet()
 
     def __iter__(self) -> Iterator[list[dict]]:
         steps = _Steps(self)
@@ -217,15 +248,21 @@ class StepLoader:
                     batch_size=None,
                     num_workers=self.cfg.num_workers,
                     pin_memory=torch.cuda.is_available(),
-                    worker_init_fn=ignore_stop_signals,
+                    worker_init_fn=_start_worker,
                 )
             )
+            self._worker_iterators.add(items)
+            _RUNNING.add(items)
         for step, worker, batches, started, skipped, state in items:
             assert step == self.step, f"loader step {step} arrived when {self.step} was expected"
             self.worker_states[worker] = state
             self.step += 1
             self.last_step_samples, self.last_step_skipped = started, skipped
             yield batches
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now (a training that ends with an error calls it)."""
+        _end_workers(self._worker_iterators)
 
     # -- counters -------------------------------------------------------------------------------
 

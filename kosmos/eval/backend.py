@@ -123,7 +123,7 @@ class ModelBackend:
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer, model_cfg) of a run folder (its latest checkpoint) or one checkpoint folder,
     ZeRO shards consolidated, in eval mode on `device`."""
-    from kosmos.train.checkpoint import CheckpointError, load_model_from_checkpoint
+    from kosmos.checkpoint import CheckpointError, load_model_from_checkpoint
 
     try:
         return load_model_from_checkpoint(path, device)

@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from kosmos.cli import positive_int
 from kosmos.config import ConfigError
 
 COMPILE_HELP = (
@@ -47,9 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("random", "rices", "stratified"),
         help="how demonstrations are chosen (default random)",
     )
-    parser.add_argument("--trials", type=int, default=1, help="repeats with different random demonstrations")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass and rank")
+    parser.add_argument(
+        "--trials", type=positive_int, default=1, help="repeats with different random demonstrations"
+    )
+    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N samples of each task")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="prompts per forward pass and rank"
+    )
     parser.add_argument(
         "--data-root", type=Path, default=Path("."), help="folder the tasks' data roots are in"
     )
@@ -121,7 +126,7 @@ def _register_mmcot(subparsers: argparse._SubParsersAction) -> None:
     )
     commands = mmcot.add_subparsers(dest="mmcot_command", required=True)
     rationales = commands.add_parser("rationales", help="stage 1: a rationale per problem, ROUGE-L")
-    rationales.add_argument("--max-new-tokens", type=int, default=512)
+    rationales.add_argument("--max-new-tokens", type=positive_int, default=512)
     answers = commands.add_parser("answers", help="stage 2 (or the one-stage baseline): accuracy")
     answers.add_argument(
         "--rationales",
@@ -129,7 +134,7 @@ def _register_mmcot(subparsers: argparse._SubParsersAction) -> None:
         help="stage-1 predictions.jsonl (id, prediction); without it the problems are answered directly "
         "(the one-stage baseline, for a checkpoint fine-tuned on the direct stage)",
     )
-    answers.add_argument("--max-new-tokens", type=int, default=16)
+    answers.add_argument("--max-new-tokens", type=positive_int, default=16)
     for command, handler in ((rationales, _mmcot_rationales), (answers, _mmcot_answers)):
         command.add_argument(
             "--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint folder"
@@ -144,8 +149,8 @@ def _register_mmcot(subparsers: argparse._SubParsersAction) -> None:
         command.add_argument(
             "--out", required=True, type=Path, help="output folder; a rerun continues from its cache"
         )
-        command.add_argument("--limit", type=int, help="only the first N problems of the split")
-        command.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+        command.add_argument("--limit", type=positive_int, help="only the first N problems of the split")
+        command.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
         command.add_argument("--device", help="default: cuda when available, else cpu")
         command.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         command.set_defaults(handler=handler)

@@ -110,6 +110,11 @@ def prepare_tasks(options: EvalOptions) -> list[PreparedTask]:
             pool = load_samples(task, "demos", options.data_root) if wants_demos and task.few_shot else None
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
+        if pool is not None and max(options.shots) > len(pool):
+            raise ConfigError(
+                f"--shots: {max(options.shots)} demonstrations asked for, but the demonstration pool of "
+                f"{task.name} has {len(pool)} samples"
+            )
         if options.limit is not None:
             samples = samples[: options.limit]
         prepared.append(PreparedTask(path, task, samples, pool))

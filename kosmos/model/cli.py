@@ -7,6 +7,8 @@ import contextlib
 import json
 import sys
 
+from kosmos.cli import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     model = subparsers.add_parser("model", help="inspect model configurations")
@@ -32,10 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--prompt", action=_PromptPart, dest="parts", metavar="TEXT", help="prompt text (repeatable)"
     )
-    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=20)
     decoding = gen.add_mutually_exclusive_group()
     decoding.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    decoding.add_argument("--beams", type=int, metavar="K", help="beam search with K beams")
+    decoding.add_argument("--beams", type=positive_int, metavar="K", help="beam search with K beams")
     gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     gen.set_defaults(handler=_generate, parts=[])
 
@@ -60,26 +62,20 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    print(f"kosmos generate: {message}", file=sys.stderr)
-    return 1
-
-
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
 
+    from kosmos.checkpoint import load_model_from_checkpoint
+    from kosmos.config import InputError
     from kosmos.data import image_transform
     from kosmos.data.decode import decode_image
     from kosmos.data.shards import SkipSample
     from kosmos.model import generate
-    from kosmos.train.checkpoint import load_model_from_checkpoint
 
     if not any(kind == "text" for kind, _ in args.parts):
-        return _fail("give a --prompt")
-    if args.max_new_tokens < 1 or (args.beams is not None and args.beams < 1):
-        return _fail("--max-new-tokens and --beams must be at least 1")
+        raise InputError("give a --prompt")
     parts = []
     for kind, value in args.parts:
         if kind == "text":
@@ -88,18 +84,15 @@ def _generate(args: argparse.Namespace) -> int:
         try:
             parts.append(decode_image(Path(value).read_bytes()))
         except OSError as error:
-            return _fail(f"cannot read image {value}: {error.strerror or error}")
+            raise InputError(f"--image: cannot read {value}: {error.strerror or error}") from None
         except SkipSample as error:
-            return _fail(f"cannot use image {value}: {error}")
+            raise InputError(f"--image: {value} cannot be used: {error.reason.replace('_', ' ')}") from None
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        # stdout is for the generated text: DeepSpeed, imported here for the first time, binds its
-        # log handler to whatever stdout is at that moment.
-        with contextlib.redirect_stdout(sys.stderr):
-            model, tokenizer, model_cfg = load_model_from_checkpoint(args.checkpoint, device)
-    except Exception as error:  # noqa: BLE001 - missing folders and damaged shards fail in many ways
-        return _fail(f"cannot load checkpoint {args.checkpoint}: {type(error).__name__}: {error}")
+    # stdout is for the generated text: DeepSpeed, imported here for the first time, binds its
+    # log handler to whatever stdout is at that moment.
+    with contextlib.redirect_stdout(sys.stderr):
+        model, tokenizer, model_cfg = load_model_from_checkpoint(args.checkpoint, device)
 
     transform = image_transform(model_cfg.vision.image_size)
     pictures = [transform(p) for p in parts if not isinstance(p, str)]

@@ -1,5 +1,4 @@
-"""Training under DeepSpeed ZeRO: config, engine, checkpoints with exact resume, metrics.
+"""Training under DeepSpeed ZeRO: config, engine, checkpoints with exact resume, metrics, the run folder.
 
-`kosmos.train.checkpoint.load_model_from_checkpoint(path)` gives the model, tokenizer and model
-config of a run folder or checkpoint (ZeRO shards consolidated) for evaluation and export.
+Loading a trained model for evaluation, generation and export is `kosmos.checkpoint`.
 """

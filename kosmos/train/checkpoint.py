@@ -1,4 +1,5 @@
-"""Checkpoints: DeepSpeed saves and loads, published atomically; consolidated loading for eval/export.
+"""Training checkpoints: DeepSpeed saves and loads, published atomically (reading them for evaluation
+and export is `kosmos.checkpoint`).
 
 Layout of `RUN/checkpoints/`:
 
@@ -20,32 +21,23 @@ DeepSpeed client state.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kosmos import config as config_io
-from kosmos.model import KosmosModel, ModelConfig, load_model_config
-from kosmos.tokenizer import Tokenizer
+from kosmos.checkpoint import LATEST, MODEL_CONFIG, TOKENIZER, CheckpointError, read_latest
+from kosmos.model import ModelConfig
 
-LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 # DeepSpeed's universal form of `step_N/` (for a resume on another world size) lives in `step_N.universal/`.
 UNIVERSAL_SUFFIX = ".universal"
-MODEL_CONFIG = "model.yaml"
-TOKENIZER = "tokenizer.model"
 _TAG = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(FileNotFoundError):
-    pass
 
 
 def checkpoint_tag(step: int) -> str:
@@ -68,14 +60,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_latest(root: Path) -> str | None:
-    latest = root / LATEST
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag or None
 
 
 def published_steps(root: Path) -> list[int]:
@@ -139,67 +123,13 @@ class CheckpointManager:
     def load(self, engine) -> dict[str, Any]:
         """Restore model, optimizer and LR schedule from `latest`; returns the client state."""
         checkpoint = self.latest_path()
-        path, client_state = engine.load_checkpoint(str(self.root), tag=checkpoint.name)
+        try:
+            path, client_state = engine.load_checkpoint(str(self.root), tag=checkpoint.name)
+        except (RuntimeError, KeyError, ValueError) as error:  # shapes or layout that do not fit
+            raise CheckpointError(
+                f"checkpoint {checkpoint} does not fit this run's model or optimizer: "
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            ) from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint}")
         return client_state
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest checkpoint), its `checkpoints/` folder, or one checkpoint folder."""
-    path = Path(path)
-    for root in (path / "checkpoints", path):
-        tag = read_latest(root)
-        if tag is not None:
-            if not (root / tag).is_dir():
-                raise CheckpointError(f"{root / LATEST} names {tag}, which does not exist")
-            return root / tag
-    if (path / MODEL_CONFIG).is_file():
-        return path
-    raise CheckpointError(f"{path} is neither a run folder with checkpoints nor a checkpoint folder")
-
-
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of one checkpoint, whatever its ZeRO stage and number of ranks."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        # DeepSpeed reports its progress on stdout, which commands like `kosmos generate` keep for results.
-        with contextlib.redirect_stdout(sys.stderr):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-        # ZeRO-1 leaves frozen weights out of the optimizer shards; they are whole in the module states.
-        module_file = checkpoint / "mp_rank_00_model_states.pt"
-        if module_file.is_file():
-            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
-            for name, tensor in module.items():
-                state.setdefault(name, tensor.float() if tensor.is_floating_point() else tensor)
-    except Exception as error:  # noqa: BLE001 - a damaged shard can fail in torch.load, pickle, DeepSpeed...
-        raise CheckpointError(
-            f"checkpoint {checkpoint} could not be read: {type(error).__name__}: {error}"
-        ) from None
-    return state
-
-
-def load_model_from_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[KosmosModel, Tokenizer, ModelConfig]:
-    """The model (eval mode), tokenizer and model config of a run folder or checkpoint folder."""
-    checkpoint = resolve_checkpoint(path)
-    for name in (MODEL_CONFIG, TOKENIZER):
-        if not (checkpoint / name).is_file():
-            raise CheckpointError(f"checkpoint {checkpoint} has no {name}")
-    model_cfg = load_model_config(checkpoint / MODEL_CONFIG)
-    tokenizer = Tokenizer(checkpoint / TOKENIZER)
-    model = KosmosModel(model_cfg)
-    model.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
-    return model.to(device).eval(), tokenizer, model_cfg
-
-
-def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """Copy the weights of a run folder or checkpoint into `model` (start of a fine-tuning run)."""
-    checkpoint = resolve_checkpoint(path)
-    try:
-        model.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit the configured model: {error}") from None
-    return checkpoint

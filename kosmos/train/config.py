@@ -37,8 +37,6 @@ class LoopConfig:
     # Start from the weights of a run folder or checkpoint (fine-tuning); optimizer, schedule and
     # data position start fresh. Ignored once the run has checkpoints of its own (it resumes).
     init_from: str | None = None
-    # Build the embedded sample corpus (`kosmos data sample`) into this folder first if it is absent.
-    sample_corpus: str | None = None
     # torch.compile each decoder layer (fuses its element-wise work; compiled once, on the first step).
     compile: bool = False
 
@@ -134,10 +132,21 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     return config_io.load(TrainConfig, path, overrides)
 
 
+MISSING_INPUT_HINT = (
+    "build corpora with `kosmos data build`, or the sample corpus and its tokenizer with "
+    "`kosmos data sample --out DIR`"
+)
+
+
 def check_inputs(cfg: TrainConfig) -> None:
     """Check the files the config names: the tokenizer fits the model, the corpora exist."""
     from kosmos.tokenizer import Tokenizer, TokenizerError
 
+    if not Path(cfg.tokenizer).exists():
+        raise ConfigError(f"tokenizer: {cfg.tokenizer} does not exist; {MISSING_INPUT_HINT}")
+    for i, corpus in enumerate(cfg.data.corpora):
+        if not Path(corpus.path).exists():
+            raise ConfigError(f"data.corpora[{i}].path: {corpus.path} does not exist; {MISSING_INPUT_HINT}")
     try:
         tokenizer = Tokenizer(cfg.tokenizer)
     except TokenizerError as error:

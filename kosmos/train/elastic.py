@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kosmos.train.checkpoint import PARTIAL_SUFFIX, UNIVERSAL_SUFFIX, CheckpointError
+from kosmos.checkpoint import CheckpointError
+from kosmos.train.checkpoint import PARTIAL_SUFFIX, UNIVERSAL_SUFFIX
 
 CONVERSION_TIMEOUT = timedelta(hours=2)
 # The file of each DeepSpeed checkpoint that holds the client state (ZeRO-1/2, then ZeRO-3).

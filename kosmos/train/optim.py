@@ -56,3 +56,18 @@ def build_lr_schedule(
     # Handed to DeepSpeed, which steps it after every applied update and saves it in checkpoints.
     factor = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def follow_config(schedule: torch.optim.lr_scheduler.LambdaLR, cfg: OptimizerConfig) -> None:
+    """Make a restored optimizer and LR schedule use the settings of `cfg`.
+
+    A checkpoint brings back the peak LR, betas, eps and weight decay it was saved with; a resume
+    that changes them (say, a lower LR after a loss spike) must take effect from its first step.
+    The schedule's shape (warm-up, `train.max_steps`) is not saved and always follows the config.
+    """
+    optimizer = schedule.optimizer
+    schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
+        lr = cfg.lr * factor(schedule.last_epoch)
+        group.update(initial_lr=cfg.lr, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the decaying group (`parameter_groups`)

@@ -12,22 +12,29 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from kosmos import config as config_io
+from kosmos.checkpoint import load_weights, read_latest
 from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
-from kosmos.train.checkpoint import CheckpointManager, load_weights
+from kosmos.train.checkpoint import CheckpointManager
 from kosmos.train.config import TrainConfig, check_inputs
 from kosmos.train.elastic import Resize, derived_seed
 from kosmos.train.engine import DistributedEnv, build_engine, check_hardware, init_distributed, use_bf16
 from kosmos.train.metrics import MetricsLogger, flops_utilisation, peak_flops, peak_memory_gb
+from kosmos.train.optim import follow_config
 from kosmos.train.preemption import StopRequest
+from kosmos.train.run_folder import RunLock, record_launch, resume_changes
 from kosmos.train.state import TrainState, rng_state, seed_everything, set_rng_state
+
+T = TypeVar("T")
 
 # Per-corpus sums kept over a logging interval (one row per corpus), all-reduced when logged.
 LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES = range(5)
@@ -40,10 +47,6 @@ class Trainer:
         self.env = env
         self.sources = [corpus.name for corpus in cfg.data.corpora]
         self.bf16 = use_bf16(cfg.deepspeed.bf16)
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            config_io.dump(cfg, run_dir / "config.yaml")
-
         from kosmos.data import build_loader
 
         # First, as it checks the step layout against the world size (a config error).
@@ -74,6 +77,7 @@ class Trainer:
             cfg, self.model, self.loader.micro_batches_per_step, self.bf16, load_universal=resize is not None
         )
         self.state = TrainState()
+        self.resumed_from: Path | None = None
         if resuming:
             self._resume(resize)
         else:
@@ -110,6 +114,7 @@ class Trainer:
 
     def _resume(self, resize: Resize | None) -> None:
         client = self.checkpoints.load(self.engine) if resize is None else resize.load(self.engine)
+        follow_config(self.engine.lr_scheduler, self.cfg.optimizer)
         saved = client["kosmos"]
         self.state.load_state_dict(saved["train"])
         if resize is None:
@@ -120,9 +125,8 @@ class Trainer:
             self._print(resize.describe(self.state.step))
             self._print(resize.restore_loader(self.loader, [rank["data"] for rank in saved["ranks"]]))
             seed_everything(derived_seed(self.cfg.train.seed, self.state.step, self.env.rank))
-        self._print(
-            f"resumed from {self.checkpoints.root / self.checkpoints.latest_tag()} at step {self.state.step}"
-        )
+        self.resumed_from = self.checkpoints.root / self.checkpoints.latest_tag()
+        self._print(f"resumed from {self.resumed_from} at step {self.state.step}")
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -260,6 +264,9 @@ class Trainer:
         return 0
 
     def close(self) -> None:
+        """Stop the loader's workers, give back the signals, close the logs (after an error too)."""
+        self.loader.close()
+        self.stop.close()
         self.metrics.close()
 
 
@@ -270,32 +277,55 @@ def _sum_counts(per_rank) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-def prepare_inputs(cfg: TrainConfig, env: DistributedEnv) -> None:
-    """Build the sample corpus if the config asks for it, then check every input file."""
-    if cfg.train.sample_corpus is not None and not Path(cfg.train.sample_corpus).exists():
-        if env.is_main:
-            from kosmos.data.sample import build_sample
+def train(cfg: TrainConfig, run_dir: Path, allowed_changes: list[str] | None = None) -> int:
+    """Train (or resume) the run in `run_dir`; returns the process exit code.
 
-            print(f"building the sample corpus in {cfg.train.sample_corpus}", flush=True)
-            build_sample(Path(cfg.train.sample_corpus))
-        dist.barrier()
-    check_inputs(cfg)
-    check_hardware(cfg, env)
-
-
-def train(cfg: TrainConfig, run_dir: Path) -> int:
-    """Train (or resume) the run in `run_dir`; returns the process exit code."""
+    Nothing is written into the run folder before the launch is accepted: the config checked, the
+    folder locked, the changes of a resume allowed, the model and loader built and the checkpoint
+    restored. `allowed_changes` are keys or sections a resume may change (`--allow-config-change`).
+    """
     # DeepSpeed calls torch.distributed functions that torch has renamed, once per bucket and step.
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
+    check_inputs(cfg)
     env = init_distributed()
+    lock = RunLock(run_dir) if env.is_main else None
     trainer = None
     try:
-        prepare_inputs(cfg, env)
+        check_hardware(cfg, env)
+        _on_main(env, lambda: lock.acquire())
+        resuming = read_latest(run_dir / "checkpoints") is not None
+        changes = _on_main(
+            env, lambda: resume_changes(run_dir, cfg, allowed_changes or []) if resuming else []
+        )
         trainer = Trainer(cfg, run_dir, env)
+        if env.is_main:
+            resumed_from = (
+                None if trainer.resumed_from is None else str(trainer.resumed_from.relative_to(run_dir))
+            )
+            record_launch(run_dir, cfg, changes, trainer.state.step, resumed_from, env.world_size)
+            for change in changes:
+                print(f"resuming with {change.key}: {change.old!r} -> {change.new!r}", flush=True)
         return trainer.run()
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         dist.destroy_process_group()
+
+
+def _on_main(env: DistributedEnv, work: Callable[[], T]) -> T:
+    """Do `work` on rank 0 only; every rank returns its result, or raises its error."""
+    outcome: list = [None]
+    if env.is_main:
+        try:
+            outcome[0] = (work(), None)
+        except Exception as error:  # noqa: BLE001 - handed on to every rank, raised there
+            outcome[0] = (None, error)
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
