@@ -124,7 +124,7 @@ def test_paper_config_plans_without_allocating_the_model(stand_ins):
             8,
             "data.corpora[1].path: corpus caption (corpora/unreadable): a whole epoch",
         ),
-        (["tokenizer=nowhere.model"], 8, "tokenizer: tokenizer model nowhere.model does not exist"),
+        (["tokenizer=nowhere.model"], 8, "tokenizer: nowhere.model does not exist"),
         (["model.text.vocab_size=64008"], 8, "model.text.vocab_size: 64008 does not match"),
         (
             ["model.vision.weights=tiny_clip.safetensors"],
