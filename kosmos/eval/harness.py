@@ -227,7 +227,7 @@ def predict(run: Run, backend, selector, options: EvalOptions, identity: dict) -
 def score(run: Run, records: list[dict], options: EvalOptions, checkpoint: str) -> list[dict]:
     """Result rows for one run: one per metric, with a bootstrap interval where the metric allows."""
     task = run.task.config
-    results, unavailable = compute_metrics(task.metrics, records, task.unanswerable_aliases)
+    results, unavailable = compute_metrics(task.metrics, records)
     base = {
         "task": task.name,
         "shots": run.shots,
