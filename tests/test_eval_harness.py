@@ -3,10 +3,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
+from kosmos.eval.cache import CheckpointIdentity, checkpoint_identity
 from kosmos.eval.datasets import Sample
 from kosmos.eval.harness import EvalOptions, evaluate
 from kosmos.eval.runners import run_batch
@@ -61,8 +63,9 @@ def label_of(image) -> int:
 class FakeBackend:
     """Answers from the query image (the last image of a prompt); records every call."""
 
-    def __init__(self, fail_after: int | None = None):
+    def __init__(self, fail_after: int | None = None, wrong: bool = False):
         self.calls = 0
+        self.wrong = wrong  # answer the next label instead (a checkpoint that learned otherwise)
         self.fail_after = fail_after
         self.generated: list = []
         self.scored: list = []
@@ -78,7 +81,7 @@ class FakeBackend:
         out = []
         for prompt in prompts:
             image = [p for p in prompt if not isinstance(p, str)][-1]
-            out.append(f"about {Path(image).stem}" if max_new_tokens else str(label_of(image)))
+            out.append(f"about {Path(image).stem}" if max_new_tokens else str((label_of(image) + self.wrong) % 3))
         return out
 
     def log_likelihood(self, prompts, continuations, normalize=False):
@@ -87,7 +90,7 @@ class FakeBackend:
         scores = []
         for prompt, continuation in zip(prompts, continuations):
             image = [p for p in prompt if not isinstance(p, str)][-1]
-            scores.append(0.0 if continuation == CLASSES[label_of(image)] else -1.0)
+            scores.append(0.0 if continuation == CLASSES[(label_of(image) + self.wrong) % 3] else -1.0)
         return scores
 
 
@@ -120,7 +123,12 @@ def options(root: Path, **changes) -> EvalOptions:
 
 
 def test_results_predictions_and_report(setup):
-    results = evaluate(FakeBackend(), options(setup, shots=[0, 2], trials=2), checkpoint="runs/x")
+    checkpoint = CheckpointIdentity("runs/x/checkpoints/step_00000020", 20, "0" * 64)
+    results = evaluate(FakeBackend(), options(setup, shots=[0, 2], trials=2), checkpoint=checkpoint)
+    assert results["checkpoint"] == {"path": checkpoint.path, "step": 20, "sha256": "0" * 64}
+    assert set(results["data_files"]["digits_rank"]) == {
+        f"data.{split}.{name}" for split in ("eval", "demos") for name in ("annotations", "classes")
+    }
     rows = {(r["task"], r["shots"], r["trial"]): r for r in results["results"]}
     assert set(rows) == {
         ("digits_rank", 0, 0),
@@ -131,7 +139,7 @@ def test_results_predictions_and_report(setup):
         ("digits_vqa", 2, 1),
     }
     row = rows[("digits_rank", 2, 1)]
-    assert row["metric"] == "accuracy" and row["value"] == 100.0 and row["checkpoint"] == "runs/x"
+    assert row["metric"] == "accuracy" and row["value"] == 100.0
     assert (
         row["ci"] == [100.0, 100.0] and row["config"]["kind"] == "rank_choices" and row["num_samples"] == 12
     )
@@ -169,12 +177,71 @@ def test_interrupted_evaluation_continues_where_it_stopped(setup):
     assert len(path.read_text().splitlines()) == 12
 
 
-def test_cache_refuses_another_checkpoint(setup):
-    evaluate(FakeBackend(), options(setup, tasks=["digits_rank"]), checkpoint="a")
-    from kosmos.config import ConfigError
+def _scored_images(backend) -> list[str]:
+    return sorted({str([p for p in prompt if not isinstance(p, str)][-1]) for prompt, _ in backend.scored})
 
-    with pytest.raises(ConfigError, match="another checkpoint"):
-        evaluate(FakeBackend(), options(setup, tasks=["digits_rank"]), checkpoint="b")
+
+def test_another_checkpoint_reruns_every_prediction(setup):
+    step20 = CheckpointIdentity("run/checkpoints/step_00000020", 20, "a" * 64)
+    first = evaluate(FakeBackend(), options(setup, tasks=["digits_rank"]), checkpoint=step20)
+    again = FakeBackend()
+    evaluate(again, options(setup, tasks=["digits_rank"]), checkpoint=step20)
+    assert again.calls == 0
+    step24 = CheckpointIdentity("run/checkpoints/step_00000024", 24, "b" * 64)
+    trained = FakeBackend(wrong=True)
+    second = evaluate(trained, options(setup, tasks=["digits_rank"]), checkpoint=step24)
+    assert len(_scored_images(trained)) == 12
+    assert first["results"][0]["value"] == 100.0 and second["results"][0]["value"] == 0.0
+    assert second["checkpoint"]["step"] == 24
+
+
+def _edit_rows(path: Path, edit) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(edit(r)) + "\n" for r in rows))
+
+
+def test_changed_annotations_rerun_only_the_affected_predictions(setup):
+    opts = options(setup, tasks=["digits_vqa"], shots=[0, 2])
+    evaluate(FakeBackend(), opts)
+    annotations = setup / "data" / "digits" / "set.jsonl"
+    few_shot = setup / "out" / "predictions" / "digits_vqa" / "random" / "2shot_trial0" / "predictions.jsonl"
+    users_of_d0_4 = {r["id"] for r in map(json.loads, few_shot.read_text().splitlines()) if "d0-4" in r["demos"]}
+    assert users_of_d0_4
+
+    def edit(row):
+        if row["id"] == "d1-0":  # an evaluated question: its prompt changes
+            row["question"] = "Which digit is shown?"
+        if row["id"] == "d2-0":  # an evaluated sample's answers: only its score changes
+            row["answers"] = ["9"] * 10
+        if row["id"] == "d0-4":  # a demonstration's answer: the prompts that show it change
+            row["label"] = 2
+        return row
+
+    _edit_rows(annotations, edit)
+    backend = FakeBackend()
+    results = evaluate(backend, opts)
+    questions = [p[-1] for p in backend.generated]
+    zero_shot = [q for q in questions if "Which digit" in q]
+    assert zero_shot and len(questions) == 2 + len(users_of_d0_4 - {"d1-0"})
+    values = {r["shots"]: r["value"] for r in results["results"]}
+    assert values[0] == pytest.approx(100 * 11 / 12)  # d2-0 is scored against its new answers
+
+
+def test_trailing_slash_names_the_same_checkpoint(tmp_path, tiny_config):
+    from kosmos import config as config_io
+    from kosmos.model import KosmosModel
+
+    folder = tmp_path / "run" / "checkpoints" / "step_00000020"
+    folder.mkdir(parents=True)
+    config_io.dump(tiny_config, folder / "model.yaml")
+    (folder.parent / "latest").write_text("step_00000020")
+    model = KosmosModel(tiny_config)
+    plain = checkpoint_identity(tmp_path / "run", model)
+    assert plain == checkpoint_identity(f"{tmp_path / 'run'}/", model) == checkpoint_identity(folder, model)
+    assert plain.step == 20 and plain.path == str(folder.resolve())
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert checkpoint_identity(tmp_path / "run", model).sha256 != plain.sha256
 
 
 def test_zero_shot_only_task_skips_few_shot(setup):

@@ -131,7 +131,7 @@ def test_tasks_run_end_to_end_with_the_model(backend, tmp_path):
         shots=[0, 1],
         bootstrap_resamples=100,
     )
-    results = evaluate(backend, options, checkpoint="random-init")
+    results = evaluate(backend, options)
     values = {(r["task"], r["shots"]): r["value"] for r in results["results"]}
     assert set(values) == {("cls", 0), ("cls", 1), ("cap", 0), ("cap", 1), ("raven", 0)}
     assert all(0.0 <= v <= 100.0 for (task, _), v in values.items() if task != "cap")
@@ -160,7 +160,13 @@ def test_command_line_checks_tasks_before_loading_the_model(tmp_path, monkeypatc
 def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny_config):
     from kosmos.cli import main
 
+    from kosmos import config as config_io
+
     model = KosmosModel(tiny_config).eval()
+    folder = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000020"
+    folder.mkdir(parents=True)
+    config_io.dump(tiny_config, folder / "model.yaml")
+    (folder.parent / "latest").write_text("step_00000020")
     monkeypatch.setattr(
         "kosmos.eval.backend.load_for_eval", lambda path, device: (model, tokenizer, tiny_config)
     )
@@ -168,7 +174,7 @@ def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny
         [
             "eval",
             "--checkpoint",
-            "runs/tiny",
+            str(tmp_path / "runs" / "tiny"),
             "--tasks",
             "raven_generated",
             "--out",
@@ -182,4 +188,5 @@ def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny
     assert code == 0
     assert "| raven_generated | accuracy | 0 |" in capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["checkpoint"] == "runs/tiny" and results["model_config"]["connector"]["num_queries"] == 16
+    assert results["checkpoint"]["step"] == 20 and results["checkpoint"]["path"] == str(folder.resolve())
+    assert results["model_config"]["connector"]["num_queries"] == 16

@@ -74,6 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from kosmos.config import to_dict
     from kosmos.eval.backend import ModelBackend, load_for_eval
+    from kosmos.eval.cache import checkpoint_identity
     from kosmos.eval.demos import ClipEmbedder
     from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
 
@@ -102,7 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluate(
         ModelBackend(model, tokenizer, options.batch_size, args.compile),
         options,
-        str(args.checkpoint),
+        checkpoint_identity(args.checkpoint, model),
         to_dict(model_cfg),
         embedder,
         tasks,
