@@ -158,9 +158,8 @@ def test_command_line_checks_tasks_before_loading_the_model(tmp_path, monkeypatc
 
 
 def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny_config):
-    from kosmos.cli import main
-
     from kosmos import config as config_io
+    from kosmos.cli import main
 
     model = KosmosModel(tiny_config).eval()
     folder = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000020"
