@@ -157,6 +157,29 @@ def test_command_line_checks_tasks_before_loading_the_model(tmp_path, monkeypatc
     assert f"{bad}: metrics[0]: unknown metric 'cidr'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--retrieval-weights", "missing.pt"], "--retrieval-weights: missing.pt is not a file"),
+        (["--retrieval-clip", "No-Such-CLIP", "--retrieval-weights", "x"], "open_clip has no model"),
+        ([], "needs --retrieval-weights"),
+    ],
+)
+def test_retrieval_options_are_checked_before_loading_the_model(
+    tmp_path, monkeypatch, capsys, flags, message
+):
+    from kosmos.cli import main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the retrieval options were checked")
+
+    monkeypatch.setattr("kosmos.eval.backend.load_for_eval", must_not_load)
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--checkpoint", "nowhere", "--tasks", "raven_generated", "--out", "out"]
+    code = main([*args, "--shots", "0,2", "--demos", "rices", *flags])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny_config):
     from kosmos import config as config_io
     from kosmos.cli import main

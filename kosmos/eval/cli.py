@@ -95,6 +95,8 @@ def _eval(args: argparse.Namespace) -> int:
     retrieval = args.demos != "random" and any(s > 0 for s in options.shots)
     if retrieval and not args.retrieval_weights:
         raise ConfigError(f"--demos {args.demos}: needs --retrieval-weights (a local open_clip checkpoint)")
+    if retrieval:
+        ClipEmbedder.check(args.retrieval_clip, args.retrieval_weights)
     device = args.device or (
         f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     )

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from kosmos.config import ConfigError, to_dict
 from kosmos.eval.cache import CheckpointIdentity, ImageHashes, PredictionCache, PredictionKeys, data_files
 from kosmos.eval.datasets import Sample, load_samples
-from kosmos.eval.demos import SCHEMES, build_selector
+from kosmos.eval.demos import SCHEMES, build_selector, check_demos
 from kosmos.eval.metrics import MetricResult, bootstrap_ci, compute_metrics
 from kosmos.eval.report import write_report
 from kosmos.eval.runners import run_batch, sample_fields
@@ -118,6 +118,9 @@ def prepare_tasks(options: EvalOptions) -> list[PreparedTask]:
             raise ConfigError(f"{path}: {error}") from None
         if options.limit is not None:
             samples = samples[: options.limit]
+        for shots in options.shots if pool is not None else ():
+            if shots:
+                check_demos(options.demos, pool, samples, shots, str(path))
         prepared.append(PreparedTask(path, task, samples, pool, data_files(task, options.data_root)))
     return prepared
 
@@ -155,7 +158,12 @@ def _gather(records: list[dict]) -> list[dict]:
 
 
 def predict(
-    run: Run, backend, selector, options: EvalOptions, checkpoint: CheckpointIdentity | None, images: ImageHashes
+    run: Run,
+    backend,
+    selector,
+    options: EvalOptions,
+    checkpoint: CheckpointIdentity | None,
+    images: ImageHashes,
 ) -> list[dict] | None:
     """Every sample's record for `run` (on rank 0; None elsewhere), running only what is not cached
     under its current key."""
@@ -163,7 +171,8 @@ def predict(
     samples, pool = run.task.samples, run.task.pool
     cache = PredictionCache(options.out / "predictions" / run.key)
     demos = {
-        s.id: [pool[i] for i in selector.select(s, run.shots, run.trial)] if run.shots else [] for s in samples
+        s.id: [pool[i] for i in selector.select(s, run.shots, run.trial)] if run.shots else []
+        for s in samples
     }
     cached, keys = {}, {}
     if rank == 0:
@@ -180,7 +189,9 @@ def predict(
         disable=rank != 0 or not todo,
     )
     if todo and rank == 0:
-        bar.write(f"kosmos eval: {run.key}: {len(todo)} of {len(samples)} samples to run ({len(done)} cached)")
+        bar.write(
+            f"kosmos eval: {run.key}: {len(todo)} of {len(samples)} samples to run ({len(done)} cached)"
+        )
     step_size = options.batch_size * world
     for start in range(0, len(todo), step_size):
         mine = todo[start : start + step_size][rank::world]
