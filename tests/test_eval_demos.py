@@ -1,6 +1,7 @@
 import json
 import zlib
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from kosmos.config import ConfigError
 from kosmos.eval.datasets import Sample
 from kosmos.eval.demos import Embedded, RandomDemos, RicesDemos, StratifiedDemos, build_selector
 from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
-from kosmos.eval.prompts import few_shot_prompt, fill
+from kosmos.eval.prompts import DEMO_END, few_shot_prompt, fill, is_image
 from kosmos.eval.tasks import load_task
 
 
@@ -159,9 +160,11 @@ def test_few_shot_prompts_hold_the_right_images_in_order(scheme):
     for query in queries:
         chosen = [pool[i] for i in selector.select(query, 4)]
         prompt = few_shot_prompt(task, query, chosen)
-        images = [p for p in prompt if not isinstance(p, str)]
+        images = [p for p in prompt if is_image(p)]
         texts = [p for p in prompt if isinstance(p, str)]
         assert images == [Path(f"{d.id}.png") for d in chosen] + [Path(f"{query.id}.png")]
+        # Every demonstration is image, text and its end.
+        assert prompt[: 3 * len(chosen)] == [x for d in chosen for x in (Path(f"{d.id}.png"), ANY, DEMO_END)]
         assert texts == [f"Question: {d.text['question']} Answer: {d.target}" for d in chosen] + [
             f"Question: {query.text['question']} Answer:"
         ]
@@ -253,7 +256,7 @@ def test_scienceqa_retrieval_with_and_without_images(tmp_path, scheme):
     assert len(records) == 4 and all(len(r["demos"]) == 2 for r in records)
     # Demonstrations come from the train problems, with or without images.
     assert {d for r in records for d in r["demos"]} <= {str(100 + n) for n in range(4, 10)}
-    imageless = [p for p in backend.prompts if all(isinstance(x, str) for x in p)]
+    imageless = [p for p in backend.prompts if DEMO_END in p and not any(is_image(x) for x in p)]
     assert imageless  # some few-shot prompts hold no image at all
 
 

@@ -12,8 +12,11 @@ from kosmos.config import ConfigError
 from kosmos.data import image_transform
 from kosmos.eval.backend import ModelBackend, load_for_eval
 from kosmos.eval.harness import EvalOptions, evaluate
+from kosmos.eval.prompts import DEMO_END
 from kosmos.eval.tasks import DecodingConfig
 from kosmos.model import KosmosModel
+
+IMAGE = object()  # stands for one image in encode_interleaved
 
 
 @pytest.fixture
@@ -55,6 +58,24 @@ def test_batched_calls_equal_single_calls(backend):
     scores = backend.log_likelihood(prompts, ["cat", "dog", "bird"])
     singles = [backend.log_likelihood([p], [c])[0] for p, c in zip(prompts, ["cat", "dog", "bird"])]
     assert scores == pytest.approx(singles, abs=1e-4)
+
+
+def test_demonstrations_are_documents_of_their_own(backend, tokenizer, tiny_config):
+    q = tiny_config.connector.num_queries
+    prompt = [
+        picture("red"),
+        "Question: what? Answer: red",
+        DEMO_END,
+        picture("blue"),
+        "Question: what? Answer:",
+    ]
+    encoded, images = backend.encode(prompt, "blue")
+    demo = tokenizer.encode_interleaved([IMAGE, "Question: what? Answer: red"], q, bos=True, eos=True)
+    query = tokenizer.encode_interleaved(
+        [IMAGE, "Question: what? Answer:", "blue"], q, bos=True, eos=False, learn=[False, False, True]
+    )
+    assert encoded.ids == demo.ids + query.ids and encoded.ids[len(demo) - 1] == tokenizer.eos_id
+    assert encoded.learn == [False] * len(demo) + query.learn and len(images) == 2
 
 
 def test_too_long_prompt_is_refused(backend):

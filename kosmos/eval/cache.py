@@ -58,7 +58,9 @@ def checkpoint_identity(path: str | Path, model: torch.nn.Module) -> CheckpointI
 
     folder = resolve_checkpoint(path).resolve()
     match = _STEP_TAG.match(folder.name)
-    return CheckpointIdentity(str(folder), int(match.group(1)) if match else None, weights_sha256(model.state_dict()))
+    return CheckpointIdentity(
+        str(folder), int(match.group(1)) if match else None, weights_sha256(model.state_dict())
+    )
 
 
 def file_sha256(path: Path) -> str:
