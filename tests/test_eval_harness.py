@@ -11,6 +11,7 @@ from PIL import Image
 from kosmos.eval.cache import CheckpointIdentity, checkpoint_identity
 from kosmos.eval.datasets import Sample
 from kosmos.eval.harness import EvalOptions, evaluate
+from kosmos.eval.report import score_figure
 from kosmos.eval.runners import run_batch
 from kosmos.eval.tasks import load_task
 
@@ -81,7 +82,9 @@ class FakeBackend:
         out = []
         for prompt in prompts:
             image = [p for p in prompt if not isinstance(p, str)][-1]
-            out.append(f"about {Path(image).stem}" if max_new_tokens else str((label_of(image) + self.wrong) % 3))
+            out.append(
+                f"about {Path(image).stem}" if max_new_tokens else str((label_of(image) + self.wrong) % 3)
+            )
         return out
 
     def log_likelihood(self, prompts, continuations, normalize=False):
@@ -158,8 +161,42 @@ def test_results_predictions_and_report(setup):
         len(r["demos"]) == 2 and r["prediction"] == r["answer"] for r in records
     )
     report = (out / "report.md").read_text()
-    assert "| digits_rank | accuracy | 2 | 100.00 ± 0.00 (2 trials) |" in report
+    assert report.startswith("# Evaluation at step 20\n")
+    assert "step 20, weights sha256 `0000000000000000`" in report and "Scores: percent" in report
+    assert "| digits_rank | accuracy | 2 | 12 | 100.00 ± 0.00 (2 trials) | [100.00, 100.00] |" in report
+    assert "set.jsonl" in report  # the data files are named
     assert (out / "score_vs_shots.png").stat().st_size > 0
+
+
+def _entry(task, shots, value, ci):
+    return {"task": task, "metric": "accuracy", "shots": shots, "value": value, "ci": ci}
+
+
+@pytest.mark.parametrize("value", [0.0, 37.5, 100.0])
+def test_plot_of_one_shot_count_spans_the_percent_scale(value):
+    figure = score_figure(
+        [_entry("a", 0, value, [value, value]), _entry("b", 0, 50.0, [40.0, 60.0])], "t", 95
+    )
+    axes = figure.axes[0]
+    assert axes.get_xlim() == (0.0, 100.0)
+    [bars_a, bars_b] = axes.patches
+    assert bars_a.get_width() == value and bars_b.get_width() == 50.0
+    # The error bar of b spans its confidence interval.
+    segments = next(c for c in axes.collections if len(c.get_segments())).get_segments()
+    assert [tuple(point[0] for point in segment) for segment in segments][1] == (40.0, 60.0)
+
+
+def test_plot_of_several_shot_counts_draws_intervals_against_shots():
+    summary = [_entry("a", 0, 20.0, [10.0, 30.0]), _entry("a", 4, 60.0, [55.0, 65.0])]
+    axes = score_figure(summary, "t", 95).axes[0]
+    assert list(axes.get_xticks()) == [0, 4] and axes.get_ylim() == (0.0, 100.0)
+    [container] = axes.containers
+    line, _, (bars,) = container.lines
+    assert list(line.get_ydata()) == [20.0, 60.0]
+    assert [tuple(point[1] for point in segment) for segment in bars.get_segments()] == [
+        (10.0, 30.0),
+        (55.0, 65.0),
+    ]
 
 
 def test_interrupted_evaluation_continues_where_it_stopped(setup):
@@ -205,7 +242,9 @@ def test_changed_annotations_rerun_only_the_affected_predictions(setup):
     evaluate(FakeBackend(), opts)
     annotations = setup / "data" / "digits" / "set.jsonl"
     few_shot = setup / "out" / "predictions" / "digits_vqa" / "random" / "2shot_trial0" / "predictions.jsonl"
-    users_of_d0_4 = {r["id"] for r in map(json.loads, few_shot.read_text().splitlines()) if "d0-4" in r["demos"]}
+    users_of_d0_4 = {
+        r["id"] for r in map(json.loads, few_shot.read_text().splitlines()) if "d0-4" in r["demos"]
+    }
     assert users_of_d0_4
 
     def edit(row):

@@ -84,9 +84,9 @@ def compute_metrics(
         )
         unavailable.update(scores.unavailable)
         note = (
-            "captions tokenised by the pure-Python PTB stand-in (no java)"
+            "captions tokenised by the pure-Python stand-in for PTBTokenizer (no java)"
             if scores.tokenizer == "python"
-            else None
+            else "captions tokenised by PTBTokenizer (java), as pycocoevalcap does"
         )
         for name in caption_names:
             if name == "bleu" and "bleu_4" in scores.values:
