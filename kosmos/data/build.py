@@ -13,6 +13,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tqdm import tqdm
+
 from kosmos.config import ConfigError
 from kosmos.data.shards import IMAGE_EXTENSIONS, CorpusIndex, CorpusWriter, ShardReader, SkipSample
 
@@ -58,6 +60,22 @@ def image_member(path: Path) -> tuple[str, bytes]:
     return extension, path.read_bytes()
 
 
+def count_records(path: Path) -> int:
+    """How many records `read_records` will yield, for a progress bar (CSV rows spanning several lines
+    make it an overestimate)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    return lines - (path.suffix.lower() in (".csv", ".tsv"))  # the header
+
+
+def _progress(total: int, unit: str, kind: str) -> tqdm:
+    return tqdm(total=total, unit=unit, desc=f"kosmos data build: {kind}", dynamic_ncols=True)
+
+
 def _text(value: object) -> bytes:
     if value is None:
         raise SkipSample("missing_text")
@@ -79,9 +97,11 @@ def _build_from_records(
     lays it out, or raises SkipSample; a line that is not a JSON object is skipped as invalid_json."""
     for path in inputs:
         _require(path, "--input")
-    with CorpusWriter(out, kind, **shard_options) as writer:
+    total = sum(count_records(path) for path in inputs)
+    with CorpusWriter(out, kind, **shard_options) as writer, _progress(total, "record", kind) as bar:
         for path in inputs:
             for record in read_records(path):
+                bar.update()
                 try:
                     if record is None:
                         raise SkipSample("invalid_json")
@@ -121,8 +141,12 @@ def build_caption_list(
 def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> CorpusIndex:
     """Pairs from tar shards already in WebDataset layout (e.g. img2dataset's output): `KEY.jpg`,
     `KEY.txt` and an optional `KEY.json` are kept; other members are dropped."""
-    with CorpusWriter(out, "caption", **shard_options) as writer:
+    with (
+        CorpusWriter(out, "caption", **shard_options) as writer,
+        _progress(len(shards), "shard", "caption") as bar,
+    ):
         for path in shards:
+            bar.update()
             try:
                 reader = ShardReader(_require(path, "--shards"))
             except (OSError, tarfile.TarError) as error:
