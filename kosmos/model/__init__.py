@@ -1,7 +1,13 @@
 """The KOSMOS-1 model: configuration, modules, decoding and FLOP accounting."""
 
 from kosmos.model.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig, load_model_config
-from kosmos.model.flops import language_flops_per_token, parameter_counts, vision_flops_per_image
+from kosmos.model.flops import (
+    dense_attention_pairs,
+    document_attention_pairs,
+    parameter_counts,
+    training_flops,
+    vision_flops_per_image,
+)
 from kosmos.model.generation import generate, pad_batch, sequence_log_likelihood
 from kosmos.model.kosmos import KosmosModel, KosmosOutput, KVCache
 from kosmos.model.vision import VisionWeightsError, load_vision_weights
@@ -15,12 +21,14 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "VisionWeightsError",
+    "dense_attention_pairs",
+    "document_attention_pairs",
     "generate",
-    "language_flops_per_token",
     "load_model_config",
     "load_vision_weights",
     "pad_batch",
     "parameter_counts",
     "sequence_log_likelihood",
+    "training_flops",
     "vision_flops_per_image",
 ]

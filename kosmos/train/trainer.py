@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from kosmos import config as config_io
-from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
+from kosmos.model import KosmosModel, dense_attention_pairs, training_flops
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
 from kosmos.train.checkpoint import CheckpointError, CheckpointManager, load_weights
 from kosmos.train.config import TrainConfig, check_inputs
@@ -73,8 +73,6 @@ class Trainer:
             seed_everything(cfg.train.seed + env.rank)  # each rank its own dropout masks
 
         self.peak_flops = peak_flops(cfg.logging, env.device, self.bf16)
-        self.language_flops = language_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.vision_flops = vision_flops_per_image(cfg.model)
         self.stop = StopRequest()
         self.metrics = MetricsLogger(
             run_dir,
@@ -187,14 +185,15 @@ class Trainer:
     def _mfu(self, total: torch.Tensor, seconds: float) -> float | None:
         if self.peak_flops is None or not seconds:
             return None
-        parts = flops_utilisation(
-            float(total[POSITIONS]),
-            float(total[IMAGES]),
-            seconds,
-            self.language_flops,
-            self.vision_flops,
-            self.env.world_size * self.peak_flops,
+        seq_len = self.cfg.data.seq_len
+        flops = training_flops(
+            self.cfg.model,
+            positions=float(total[POSITIONS]),
+            labelled=float(total[LABELLED]),
+            images=float(total[IMAGES]),
+            attention_pairs=dense_attention_pairs(float(total[POSITIONS]) / seq_len, seq_len),
         )
+        parts = flops_utilisation(flops, seconds, self.env.world_size * self.peak_flops)
         return parts["language"] + parts["vision"]
 
     def _print(self, text: str) -> None:
