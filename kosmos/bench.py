@@ -267,7 +267,7 @@ def bench_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kosmos.model import KosmosModel, dense_attention_pairs, training_flops
+    from kosmos.model import KosmosModel, attention_pairs, training_flops
     from kosmos.tokenizer import IGNORE_INDEX
     from kosmos.train.engine import build_engine, init_distributed, use_bf16
     from kosmos.train.metrics import flops_utilisation, peak_flops
@@ -328,7 +328,8 @@ def bench_train(args: argparse.Namespace) -> int:
     positions = env.world_size * rows * seq_len
     images = env.world_size * rows * args.images_per_row
     labelled = env.world_size * int((batch["labels"] != IGNORE_INDEX).sum())
-    attention = dense_attention_pairs(env.world_size * rows, seq_len)
+    per_document = report["attention"] == "flash"
+    attention = env.world_size * float(attention_pairs(batch["segment_ids"], per_document).sum())
     flops = training_flops(cfg.model, positions, labelled, images, attention)
     for side, times in seconds.items():
         step_s = statistics.median(times)

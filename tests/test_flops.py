@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from kosmos.model import KosmosModel, dense_attention_pairs, document_attention_pairs, training_flops
+from kosmos.model import KosmosModel, attention_pairs, training_flops
 from kosmos.tokenizer import IGNORE_INDEX
 
 
@@ -17,19 +17,21 @@ def test_training_flops_equal_the_counted_forward_and_backward(tiny_config, lear
     labels = ids.clone()
     labels[:, : length - learned] = IGNORE_INDEX  # logits (the LM head) only where a label is learned
     # The math kernel runs attention as matmuls, which the counter sees on every device.
+    segment_ids = torch.ones_like(ids)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(ids, labels=labels, segment_ids=torch.ones_like(ids)).loss.backward()
+        model(ids, labels=labels, segment_ids=segment_ids).loss.backward()
     flops = training_flops(
         tiny_config,
         positions=rows * length,
         labelled=int((labels != IGNORE_INDEX).sum()),
         images=0,
-        attention_pairs=dense_attention_pairs(rows, length),
+        attention_pairs=float(attention_pairs(segment_ids).sum()),
     )
     assert flops == {"language": counter.get_total_flops(), "vision": 0.0}
 
 
-def test_document_attention_pairs_sum_squared_document_lengths():
-    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
-    assert document_attention_pairs(segment_ids) == 3 * 3 + 2 * 2 + 6 * 6
-    assert document_attention_pairs(torch.ones(2, 6, dtype=torch.long)) == dense_attention_pairs(2, 6)
+def test_attention_pairs_of_whole_rows_and_of_documents():
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    assert attention_pairs(segment_ids).tolist() == [36.0, 36.0, 36.0]
+    # Per document: each packed document attends within itself; padding is skipped.
+    assert attention_pairs(segment_ids, per_document=True).tolist() == [3 * 3 + 2 * 2, 36.0, 0.0]

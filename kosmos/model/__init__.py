@@ -2,8 +2,7 @@
 
 from kosmos.model.config import ConnectorConfig, ModelConfig, TextConfig, VisionConfig, load_model_config
 from kosmos.model.flops import (
-    dense_attention_pairs,
-    document_attention_pairs,
+    attention_pairs,
     parameter_counts,
     training_flops,
     vision_flops_per_image,
@@ -21,8 +20,7 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "VisionWeightsError",
-    "dense_attention_pairs",
-    "document_attention_pairs",
+    "attention_pairs",
     "generate",
     "load_model_config",
     "load_vision_weights",

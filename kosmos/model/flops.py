@@ -6,8 +6,8 @@ forward and backward (PaLM, appendix B, with its 6 FLOPs per weight and token):
 - LM head: 6 * V * d at labelled positions only, since logits are computed only there;
 - attention scores and weighted sums: 12 * L * d per query-key pair. Dense attention pairs every
   position with the whole row (T^2 per row of length T); an attention backend that computes each
-  packed document on its own does sum(l^2) over the row's documents, which
-  `document_attention_pairs` counts from the segment ids;
+  packed document on its own (flash-attn's varlen path) does sum(l^2) over the row's documents;
+  `attention_pairs` counts either from the segment ids;
 - vision: per image, the tower's forward (2 FLOPs per multiply-add over its weights and attention),
   plus the backward (2x forward) of the trainable blocks and the connector only.
 The training logs (`metrics.jsonl`) and `kosmos bench train` both take their MFU from it.
@@ -52,8 +52,8 @@ def training_flops(
     attention_pairs: float,
 ) -> dict[str, float]:
     """FLOPs of training on `positions` sequence positions of which `labelled` are learned, holding
-    `images` images, with `attention_pairs` query-key pairs (dense: rows x T^2, see
-    `document_attention_pairs`); {"language": ..., "vision": ...}."""
+    `images` images, with `attention_pairs` query-key pairs (summed `attention_pairs` of the rows);
+    {"language": ..., "vision": ...}."""
     t = cfg.text
     per_layer = 4 * t.width * t.width + 2 * t.width * t.ffn_width  # attention + FFN weights
     language = (
@@ -64,19 +64,19 @@ def training_flops(
     return {"language": language, "vision": images * vision_flops_per_image(cfg)}
 
 
-def dense_attention_pairs(rows: float, seq_len: int) -> float:
-    """Query-key pairs of attention over whole rows."""
-    return rows * seq_len * seq_len
-
-
-def document_attention_pairs(segment_ids: torch.Tensor) -> float:
-    """Query-key pairs of attention computed per packed document: the sum of squared document
-    lengths over the rows (`segment_ids` [rows, T], 0 for padding, which such backends skip)."""
-    pairs = 0
-    for row in segment_ids:
-        lengths = torch.bincount(row[row > 0])
-        pairs += int((lengths * lengths).sum())
-    return float(pairs)
+def attention_pairs(segment_ids: torch.Tensor, per_document: bool = False) -> torch.Tensor:
+    """Query-key pairs of attention in each row ([rows], float64): the row length squared where
+    attention spans whole rows, or with `per_document` (a backend that computes each packed document
+    on its own, skipping padding) the sum of the squared lengths of the row's documents, the runs of
+    `segment_ids` above 0."""
+    rows, length = segment_ids.shape
+    if not per_document:
+        return torch.full((rows,), float(length * length), dtype=torch.float64, device=segment_ids.device)
+    segments = segment_ids.long()
+    width = int(segments.max()) + 1 if segments.numel() else 1
+    flat = (segments + width * torch.arange(rows, device=segments.device)[:, None])[segments > 0]
+    lengths = torch.bincount(flat, minlength=rows * width).view(rows, width).double()
+    return (lengths * lengths).sum(1)
 
 
 def vision_flops_per_image(cfg: ModelConfig) -> float:
