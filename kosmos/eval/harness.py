@@ -190,7 +190,8 @@ def predict(
     )
     if todo and rank == 0:
         bar.write(
-            f"kosmos eval: {run.key}: {len(todo)} of {len(samples)} samples to run ({len(done)} cached)"
+            f"kosmos eval: {run.key}: {len(todo)} of {len(samples)} samples to run ({len(done)} cached)",
+            file=sys.stderr,
         )
     step_size = options.batch_size * world
     for start in range(0, len(todo), step_size):
