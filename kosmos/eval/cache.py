@@ -23,6 +23,7 @@ from PIL import Image
 
 from kosmos.config import to_dict
 from kosmos.eval.datasets import ImageRef, Sample, data_root, load_image
+from kosmos.eval.prompts import is_image
 from kosmos.eval.tasks import TaskConfig
 
 _STEP_TAG = re.compile(r"^step_(\d+)$")
@@ -105,20 +106,29 @@ class ImageHashes:
         return self._known[key][1]
 
 
+def prediction_key(context: dict, inputs: object) -> str:
+    """The hash of what decides one prediction: `context` (checkpoint, settings) and `inputs`, both
+    JSON."""
+    text = json.dumps(context, sort_keys=True) + json.dumps(inputs, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def describe_prompt(prompt: Sequence, images: ImageHashes) -> list:
+    """A prompt's parts as JSON: text as it is, images by content hash, other markers by name."""
+    return [{"image": images(p)} if is_image(p) else p if isinstance(p, str) else repr(p) for p in prompt]
+
+
 class PredictionKeys:
     """The key of one sample's prediction in one run (task, checkpoint and demonstrations fixed)."""
 
     def __init__(self, task: TaskConfig, checkpoint: CheckpointIdentity | None, images: ImageHashes):
         self.images = images
-        self.prefix = json.dumps(
-            {
-                "checkpoint": checkpoint.key if checkpoint is not None else None,
-                "kind": task.kind,
-                "prompt": to_dict(task.prompt),
-                "decoding": to_dict(task.decoding),
-            },
-            sort_keys=True,
-        )
+        self.context = {
+            "checkpoint": checkpoint.key if checkpoint is not None else None,
+            "kind": task.kind,
+            "prompt": to_dict(task.prompt),
+            "decoding": to_dict(task.decoding),
+        }
 
     def _inputs(self, sample: Sample) -> dict:
         return {
@@ -132,8 +142,7 @@ class PredictionKeys:
             "query": self._inputs(sample),
             "demos": [{**self._inputs(d), "answer": d.target} for d in demos],
         }
-        text = self.prefix + json.dumps(described, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return prediction_key(self.context, described)
 
 
 class PredictionCache:
