@@ -343,22 +343,18 @@ def evaluate(
     rank, _ = rank_and_world()
     runs = plan_runs(tasks, options)
     rows: list[dict] = []
-    selectors: dict[str, object] = {}
+    # Demonstration selectors first (retrieval embeds every pool and query): a failure there stops
+    # the evaluation before any prediction runs.
+    few_shot = {run.task.config.name: run.task for run in runs if run.shots}
+    selectors = {
+        name: build_selector(
+            options.demos, task.pool, task.samples, embedder, task.config.demo_group, options.seed
+        )
+        for name, task in few_shot.items()
+    }
     images = ImageHashes()
     for run in runs:
-        selector = None
-        if run.shots:
-            name = run.task.config.name
-            if name not in selectors:
-                selectors[name] = build_selector(
-                    options.demos,
-                    run.task.pool,
-                    run.task.samples,
-                    embedder,
-                    run.task.config.demo_group,
-                    options.seed,
-                )
-            selector = selectors[name]
+        selector = selectors.get(run.task.config.name)
         records = predict(run, backend, selector, options, checkpoint, images)
         if rank == 0:
             rows.extend(score(run, records, options))
