@@ -15,9 +15,10 @@ steps (skipped non-finite steps left out), over all ranks:
   skipped_nonfinite_steps        steps whose loss or gradient was not finite, since the start
 
 MFU = FLOPs performed per second / (ranks x peak FLOP/s of one device), the FLOPs counted by
-`kosmos.model.flops.training_flops` from the interval's positions, labelled positions and images
-(the LM head only where labels are learned, attention over whole rows). `flops_utilisation` divides
-them, the language and vision terms apart (`kosmos bench train` reports both).
+`kosmos.model.flops.training_flops` from the interval's positions, labelled positions, images and
+attention pairs (the LM head only where labels are learned; attention per document on the flash-attn
+path, else over whole rows). `flops_utilisation` divides them, the language and vision terms apart
+(`kosmos bench train` reports both).
 """
 
 from __future__ import annotations
