@@ -4,9 +4,10 @@ VQAv2 follows the current revision of the challenge's `vqaEval.py` (GT-Vision-La
 "Fixed processing answers bug"). It processes both sides or neither: when the ten human answers
 disagree, the prediction and every human answer get the punctuation step and then the number-word,
 article and contraction step; when they all agree, the prediction is compared with them as it is
-(only newlines, tabs and surrounding spaces removed). The evaluation page describes this processing
-as part of scoring, and the server scores the answer strings as they are submitted, so predictions go
-in as generated (cut at the stop string), with no normalisation of our own.
+(only newlines, tabs and surrounding spaces removed). The evaluation page lists this processing as
+the evaluation's own step, on machine and human answers alike, and a results file for the server
+carries the answers as they are: predictions go in as generated (cut at the stop string), with no
+normalisation of our own.
 
 VizWiz follows the VizWiz challenge's own script: the prediction is always processed, the human
 answers never are, and nothing else is remapped (a prediction such as "i don't know" does not count
