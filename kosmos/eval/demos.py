@@ -76,7 +76,7 @@ class _Retrieval:
     def __init__(
         self, pool: Sequence[Sample], pool_embedded: Embedded, queries: Sequence[Sample], embedded: Embedded
     ):
-        self.pool_ids = [s.id for s in pool]
+        self.pool_row = {s.id: i for i, s in enumerate(pool)}  # ids are unique within a split
         self.pool = pool_embedded
         self.row = {q.id: i for i, q in enumerate(queries)}
         self.queries = embedded
@@ -88,9 +88,8 @@ class _Retrieval:
         return image, text
 
     def _exclude_self(self, score: torch.Tensor, query: Sample) -> torch.Tensor:
-        for i, pid in enumerate(self.pool_ids):
-            if pid == query.id:
-                score[i] = float("-inf")
+        if query.id in self.pool_row:
+            score[self.pool_row[query.id]] = float("-inf")
         return score
 
 
@@ -117,8 +116,8 @@ class StratifiedDemos(_Retrieval):
 
     def scores(self, query: Sample) -> torch.Tensor:
         image, text = self._query(query)
-        total = torch.zeros(len(self.pool_ids))
-        count = torch.zeros(len(self.pool_ids))
+        total = torch.zeros(len(self.pool_row))
+        count = torch.zeros(len(self.pool_row))
         for vector in (image, text):
             if vector is None:
                 continue
