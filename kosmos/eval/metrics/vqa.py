@@ -1,13 +1,12 @@
 """The official VQA accuracy of VQAv2 and of VizWiz: answer processing and the 10-way leave-one-out score.
 
 VQAv2 follows the current revision of the challenge's `vqaEval.py` (GT-Vision-Lab/VQA, March 2021,
-"Fixed processing answers bug"). It processes both sides or neither: when the ten human answers
-disagree, the prediction and every human answer get the punctuation step and then the number-word,
-article and contraction step; when they all agree, the prediction is compared with them as it is
-(only newlines, tabs and surrounding spaces removed). The evaluation page lists this processing as
-the evaluation's own step, on machine and human answers alike, and a results file for the server
-carries the answers as they are: predictions go in as generated (cut at the stop string), with no
-normalisation of our own.
+"Fixed processing answers bug"), applied as the evaluation server applies it. The evaluation page
+says the machine answers are processed before they are evaluated (lower case, periods, number words
+to digits, articles, contractions, punctuation), so the prediction first gets that processing (the
+script's own punctuation and digit/article steps). The script then processes both sides or neither:
+when the ten human answers disagree, the prediction and every human answer get the punctuation and
+digit/article steps; when they all agree, they are compared with the prediction as they are.
 
 VizWiz follows the VizWiz challenge's own script: the prediction is always processed, the human
 answers never are, and nothing else is remapped (a prediction such as "i don't know" does not count
@@ -228,7 +227,7 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """VQAv2 accuracy in [0, 1] of one predicted answer against the (usually ten) human answers."""
     if not human_answers:
         raise ValueError("a VQA question needs at least one human answer")
-    answer = _clean(prediction)
+    answer = normalize_answer(_clean(prediction))  # as the server processes machine answers
     humans = [_clean(a) for a in human_answers]
     if len(set(humans)) > 1:
         humans = [normalize_answer(a) for a in humans]
