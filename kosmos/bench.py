@@ -285,7 +285,8 @@ def bench_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
+    from kosmos.model import KosmosModel, attention_pairs, training_flops
+    from kosmos.tokenizer import IGNORE_INDEX
     from kosmos.train.engine import build_engine, init_distributed, use_bf16
     from kosmos.train.metrics import flops_utilisation, peak_flops
 
@@ -344,10 +345,13 @@ def bench_train(args: argparse.Namespace) -> int:
     # Every rank runs the same steps on batches of the same shape: rates count all of them.
     positions = env.world_size * rows * seq_len
     images = env.world_size * rows * args.images_per_row
-    language, vision = language_flops_per_token(cfg.model, seq_len), vision_flops_per_image(cfg.model)
+    labelled = env.world_size * int((batch["labels"] != IGNORE_INDEX).sum())
+    per_document = report["attention"] == "flash"
+    attention = env.world_size * float(attention_pairs(batch["segment_ids"], per_document).sum())
+    flops = training_flops(cfg.model, positions, labelled, images, attention)
     for side, times in seconds.items():
         step_s = statistics.median(times)
-        mfu = flops_utilisation(positions, images, step_s, language, vision, measured_peak)
+        mfu = flops_utilisation(flops, step_s, measured_peak)
         report[side] = {
             "step_s": round(step_s, 4),
             "step_s_mean": round(statistics.fmean(times), 4),
@@ -360,9 +364,7 @@ def bench_train(args: argparse.Namespace) -> int:
             "first_loss": round(runs[side].first_loss, 5),
         }
         if logged_peak:
-            logged = flops_utilisation(
-                positions, images, step_s, language, vision, env.world_size * logged_peak
-            )
+            logged = flops_utilisation(flops, step_s, env.world_size * logged_peak)
             report[side]["mfu_training_logs"] = round(logged["language"] + logged["vision"], 4)
     if twin is not None:
         report["speedup"] = round(report["theirs"]["step_s"] / report["ours"]["step_s"], 3)

@@ -175,8 +175,9 @@ def test_processor_gives_our_ids(exported, tokenizer):
     q = json.loads((exported / "config.json").read_text())["latent_query_num"]
     gradient = np.linspace(0, 255, 48 * 40 * 3).reshape(40, 48, 3).astype("uint8")
     picture = Image.fromarray(gradient)
+    assert q == 16  # not the processor's default of 64: a plain call must give the model's number
     for text in ["An image of", "Question: what is shown here? Answer:"]:
-        encoding = processor(text=text, images=picture, num_image_tokens=q)
+        encoding = processor(text=text, images=picture)
         ours = tokenizer.encode_interleaved([picture, text], q, eos=False)
         assert encoding["input_ids"] == ours.ids
         assert encoding["image_embeds_position_mask"] == [int(m) for m in ours.image_mask]
@@ -330,8 +331,8 @@ def test_clip_vision_tower_from_transformers(tmp_path, whole):
     assert not (tmp_path / "gelu.safetensors").exists()
 
 
-def test_generate_prints_only_the_generated_text(runs, models, tmp_path, capsys):
-    ours, _, tokenizer, cfg = models
+def test_generate_prints_only_the_generated_text(runs, models, exported, tmp_path, capsys):
+    ours, theirs, tokenizer, cfg = models
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
     picture.save(tmp_path / "a.png")
     # A fresh process: DeepSpeed's first import there decides where its log lines go.
@@ -351,7 +352,14 @@ def test_generate_prints_only_the_generated_text(runs, models, tmp_path, capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     prompt = tokenizer.encode_interleaved([picture, "An image of"], cfg.connector.num_queries, eos=False)
     images = image_transform(cfg.vision.image_size)(picture).unsqueeze(0)
-    assert result.stdout == tokenizer.decode(generate(ours, [prompt], images, max_new_tokens=6)[0]) + "\n"
+    ids = generate(ours, [prompt], images, max_new_tokens=6)[0]
+    assert result.stdout == tokenizer.decode(ids) + "\n"
+    # The same through transformers, the processor called plainly: 16 image slots, the same tokens.
+    processor = transformers.AutoProcessor.from_pretrained(exported)
+    inputs = processor(text="An image of", images=picture, return_tensors="pt")
+    assert int(inputs["image_embeds_position_mask"].sum()) == cfg.connector.num_queries == 16
+    hf_ids = theirs.generate(**inputs, max_new_tokens=6, do_sample=False, num_beams=1)
+    assert hf_ids[0, inputs["input_ids"].shape[1] :].tolist() == ids
 
     assert (
         main(

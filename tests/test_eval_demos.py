@@ -1,11 +1,17 @@
+import json
+import zlib
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
+from PIL import Image
 
+from kosmos.config import ConfigError
 from kosmos.eval.datasets import Sample
-from kosmos.eval.demos import RandomDemos, RicesDemos, StratifiedDemos, build_selector
-from kosmos.eval.prompts import few_shot_prompt, fill
+from kosmos.eval.demos import Embedded, RandomDemos, RicesDemos, StratifiedDemos, build_selector
+from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
+from kosmos.eval.prompts import DEMO_END, few_shot_prompt, fill, is_image
 from kosmos.eval.tasks import load_task
 
 
@@ -51,7 +57,9 @@ def test_rices_picks_nearest_neighbours_most_similar_last():
     pool_vectors = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
     order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
     pool = [sample(f"p{int(i)}") for i in order]
-    selector = RicesDemos(pool, pool_vectors[order] * 3.0, {"q": torch.tensor([2.0, 0.0])})
+    pool_embedded = Embedded.of(list(pool_vectors[order] * 3.0), [None] * 12)
+    query_embedded = Embedded.of([torch.tensor([2.0, 0.0])], [None])
+    selector = RicesDemos(pool, pool_embedded, [sample("q")], query_embedded)
     picks = selector.select(sample("q"), 4)
     assert [pool[i].id for i in picks] == ["p3", "p2", "p1", "p0"]
 
@@ -75,10 +83,9 @@ def test_stratified_draws_across_groups():
     images = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.98, 0.2], [0.5, 0.5], [0.0, 1.0]])
     selector = StratifiedDemos(
         pool,
-        images,
-        torch.zeros(5, 2),
-        {"q": torch.tensor([1.0, 0.0])},
-        {"q": None},
+        Embedded.of(list(images), [None] * 5),
+        [sample("q")],
+        Embedded.of([torch.tensor([1.0, 0.0])], [None]),
         [s.meta["question_type"] for s in pool],
     )
     picks = [pool[i].id for i in selector.select(sample("q"), 3)]
@@ -101,6 +108,46 @@ def test_stratified_uses_text_and_cross_modal_similarity():
     assert [pool[i].id for i in selector.select(query, 1)] == ["b"]
 
 
+def bare(sid, answer="x", question=None, group="g"):
+    """A sample without an image (a ScienceQA problem with no picture)."""
+    text = {"question": question} if question else {}
+    return Sample(sid, {"image": []}, text, references=[answer], meta={"question_type": group})
+
+
+def test_rices_compares_text_where_an_image_is_missing():
+    embedder = PlantedEmbedder(
+        {"a": [1, 0, 0], "q": [1, 0, 0], "b": [0, 0, 1]},
+        {"what is it? near": [0.9, 0.1, 0], "what is it? far": [0, 1, 0], "what is it?": [0, 0, 1]},
+    )
+    pool = [sample("a"), bare("n", "near", "what is it?"), bare("f", "far", "what is it?"), sample("b")]
+    with_image, without = sample("q"), bare("t", question="what is it?")
+    selector = build_selector("rices", pool, [with_image, without], embedder)
+    # The query image against pool images, and against the texts of the pool samples without one.
+    assert [pool[i].id for i in selector.select(with_image, 2)] == ["n", "a"]
+    # A query without an image is compared by its text, with pool images and texts alike.
+    assert [pool[i].id for i in selector.select(without, 1)] == ["b"]
+
+
+def test_stratified_compares_across_modalities_in_both_directions():
+    # Only the query text against the pool images tells the candidates apart ...
+    embedder = PlantedEmbedder(
+        {"a": [0, 1, 0], "b": [0, 0, 1], "q": [1, 0, 0]},
+        {"which? x": [1, 0, 0], "which?": [0, 1, 0]},
+    )
+    pool = [sample("a", answer="x", question="which?"), sample("b", answer="x", question="which?")]
+    query = sample("q", question="which?")
+    selector = build_selector("stratified", pool, [query], embedder)
+    assert [pool[i].id for i in selector.select(query, 1)] == ["a"]
+    # ... and here only the query image against the pool texts.
+    embedder = PlantedEmbedder(
+        {"a": [0, 0, 1], "b": [0, 0, 1], "q": [1, 0, 0]},
+        {"which? near": [1, 0, 0], "which? far": [0, 1, 0], "which?": [0, 0, 0]},
+    )
+    pool = [sample("a", answer="far", question="which?"), sample("b", answer="near", question="which?")]
+    selector = build_selector("stratified", pool, [query], embedder)
+    assert [pool[i].id for i in selector.select(query, 1)] == ["b"]
+
+
 @pytest.mark.parametrize("scheme", ["random", "rices", "stratified"])
 def test_few_shot_prompts_hold_the_right_images_in_order(scheme):
     task = load_task("vqav2")
@@ -113,9 +160,11 @@ def test_few_shot_prompts_hold_the_right_images_in_order(scheme):
     for query in queries:
         chosen = [pool[i] for i in selector.select(query, 4)]
         prompt = few_shot_prompt(task, query, chosen)
-        images = [p for p in prompt if not isinstance(p, str)]
+        images = [p for p in prompt if is_image(p)]
         texts = [p for p in prompt if isinstance(p, str)]
         assert images == [Path(f"{d.id}.png") for d in chosen] + [Path(f"{query.id}.png")]
+        # Every demonstration is image, text and its end.
+        assert prompt[: 3 * len(chosen)] == [x for d in chosen for x in (Path(f"{d.id}.png"), ANY, DEMO_END)]
         assert texts == [f"Question: {d.text['question']} Answer: {d.target}" for d in chosen] + [
             f"Question: {query.text['question']} Answer:"
         ]
@@ -136,3 +185,83 @@ def test_fill_places_images_and_text():
         Path("picked"),
         "Is it correct?",
     ]
+
+
+class HashEmbedder:
+    """Deterministic vectors from a problem's folder name (images) or the text itself."""
+
+    def _vector(self, key: str) -> list[float]:
+        generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        return torch.randn(8, generator=generator).tolist()
+
+    def images(self, refs):
+        return torch.tensor([self._vector(Path(r).parent.name) for r in refs])
+
+    def texts(self, texts):
+        return torch.tensor([self._vector(t) for t in texts])
+
+
+class FirstChoice:
+    """Ranks the first option highest; keeps every prompt it saw."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompts, decoding, max_new_tokens=None):
+        raise AssertionError("ScienceQA ranks options")
+
+    def log_likelihood(self, prompts, continuations, normalize=False):
+        self.prompts.extend(prompts)
+        return [0.0 if c == "option a" else -1.0 for c in continuations]
+
+
+def write_scienceqa(root: Path) -> None:
+    problems = {}
+    for n in range(10):
+        pid, split = str(100 + n), "test" if n < 4 else "train"
+        image = "image.png" if n % 2 else None  # every other problem has no image
+        if image:
+            folder = root / "images" / split / pid
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8), (20 * n, 0, 0)).save(folder / image)
+        problems[pid] = {
+            "question": f"Question number {n}?",
+            "choices": ["option a", "option b"],
+            "answer": n % 2,
+            "hint": "" if n % 3 else f"Context {n}.",
+            "image": image,
+            "subject": "natural science",
+            "grade": "grade3",
+            "split": split,
+        }
+    (root / "problems.json").write_text(json.dumps(problems))
+
+
+@pytest.mark.parametrize("scheme", ["rices", "stratified"])
+def test_scienceqa_retrieval_with_and_without_images(tmp_path, scheme):
+    write_scienceqa(tmp_path / "scienceqa")
+    options = EvalOptions(
+        tasks=["scienceqa"], out=tmp_path / "out", data_root=tmp_path, shots=[0, 2], demos=scheme
+    )
+    backend = FirstChoice()
+    results = evaluate(backend, options, embedder=HashEmbedder())
+    values = {r["shots"]: r["value"] for r in results["results"]}
+    assert values == {0: 50.0, 2: 50.0}
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "out/predictions/scienceqa" / scheme / "2shot_trial0/predictions.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert len(records) == 4 and all(len(r["demos"]) == 2 for r in records)
+    # Demonstrations come from the train problems, with or without images.
+    assert {d for r in records for d in r["demos"]} <= {str(100 + n) for n in range(4, 10)}
+    imageless = [p for p in backend.prompts if DEMO_END in p and not any(is_image(x) for x in p)]
+    assert imageless  # some few-shot prompts hold no image at all
+
+
+def test_too_many_shots_stop_before_any_compute(tmp_path):
+    write_scienceqa(tmp_path / "scienceqa")
+    options = EvalOptions(tasks=["scienceqa"], out=tmp_path / "out", data_root=tmp_path, shots=[7])
+    with pytest.raises(ConfigError, match="7 demonstrations asked for but the demo pool has 6"):
+        prepare_tasks(options)

@@ -3,13 +3,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
 from kosmos.config import ConfigError
+from kosmos.eval.cache import CheckpointIdentity, checkpoint_identity
 from kosmos.eval.datasets import Sample
 from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
+from kosmos.eval.report import score_figure
 from kosmos.eval.runners import run_batch
 from kosmos.eval.tasks import load_task
 
@@ -62,8 +65,9 @@ def label_of(image) -> int:
 class FakeBackend:
     """Answers from the query image (the last image of a prompt); records every call."""
 
-    def __init__(self, fail_after: int | None = None):
+    def __init__(self, fail_after: int | None = None, wrong: bool = False):
         self.calls = 0
+        self.wrong = wrong  # answer the next label instead (a checkpoint that learned otherwise)
         self.fail_after = fail_after
         self.generated: list = []
         self.scored: list = []
@@ -79,7 +83,9 @@ class FakeBackend:
         out = []
         for prompt in prompts:
             image = [p for p in prompt if not isinstance(p, str)][-1]
-            out.append(f"about {Path(image).stem}" if max_new_tokens else str(label_of(image)))
+            out.append(
+                f"about {Path(image).stem}" if max_new_tokens else str((label_of(image) + self.wrong) % 3)
+            )
         return out
 
     def log_likelihood(self, prompts, continuations, normalize=False):
@@ -88,7 +94,7 @@ class FakeBackend:
         scores = []
         for prompt, continuation in zip(prompts, continuations):
             image = [p for p in prompt if not isinstance(p, str)][-1]
-            scores.append(0.0 if continuation == CLASSES[label_of(image)] else -1.0)
+            scores.append(0.0 if continuation == CLASSES[(label_of(image) + self.wrong) % 3] else -1.0)
         return scores
 
 
@@ -121,7 +127,12 @@ def options(root: Path, **changes) -> EvalOptions:
 
 
 def test_results_predictions_and_report(setup):
-    results = evaluate(FakeBackend(), options(setup, shots=[0, 2], trials=2), checkpoint="runs/x")
+    checkpoint = CheckpointIdentity("runs/x/checkpoints/step_00000020", 20, "0" * 64)
+    results = evaluate(FakeBackend(), options(setup, shots=[0, 2], trials=2), checkpoint=checkpoint)
+    assert results["checkpoint"] == {"path": checkpoint.path, "step": 20, "sha256": "0" * 64}
+    assert set(results["data_files"]["digits_rank"]) == {
+        f"data.{split}.{name}" for split in ("eval", "demos") for name in ("annotations", "classes")
+    }
     rows = {(r["task"], r["shots"], r["trial"]): r for r in results["results"]}
     assert set(rows) == {
         ("digits_rank", 0, 0),
@@ -132,7 +143,7 @@ def test_results_predictions_and_report(setup):
         ("digits_vqa", 2, 1),
     }
     row = rows[("digits_rank", 2, 1)]
-    assert row["metric"] == "accuracy" and row["value"] == 100.0 and row["checkpoint"] == "runs/x"
+    assert row["metric"] == "accuracy" and row["value"] == 100.0
     assert (
         row["ci"] == [100.0, 100.0] and row["config"]["kind"] == "rank_choices" and row["num_samples"] == 12
     )
@@ -151,8 +162,42 @@ def test_results_predictions_and_report(setup):
         len(r["demos"]) == 2 and r["prediction"] == r["answer"] for r in records
     )
     report = (out / "report.md").read_text()
-    assert "| digits_rank | accuracy | 2 | 100.00 ± 0.00 (2 trials) |" in report
+    assert report.startswith("# Evaluation at step 20\n")
+    assert "step 20, weights sha256 `0000000000000000`" in report and "Scores: percent" in report
+    assert "| digits_rank | accuracy | 2 | 12 | 100.00 ± 0.00 (2 trials) | [100.00, 100.00] |" in report
+    assert "set.jsonl" in report  # the data files are named
     assert (out / "score_vs_shots.png").stat().st_size > 0
+
+
+def _entry(task, shots, value, ci):
+    return {"task": task, "metric": "accuracy", "shots": shots, "value": value, "ci": ci}
+
+
+@pytest.mark.parametrize("value", [0.0, 37.5, 100.0])
+def test_plot_of_one_shot_count_spans_the_percent_scale(value):
+    figure = score_figure(
+        [_entry("a", 0, value, [value, value]), _entry("b", 0, 50.0, [40.0, 60.0])], "t", 95
+    )
+    axes = figure.axes[0]
+    assert axes.get_xlim() == (0.0, 100.0)
+    [bars_a, bars_b] = axes.patches
+    assert bars_a.get_width() == value and bars_b.get_width() == 50.0
+    # The error bar of b spans its confidence interval.
+    segments = next(c for c in axes.collections if len(c.get_segments())).get_segments()
+    assert [tuple(point[0] for point in segment) for segment in segments][1] == (40.0, 60.0)
+
+
+def test_plot_of_several_shot_counts_draws_intervals_against_shots():
+    summary = [_entry("a", 0, 20.0, [10.0, 30.0]), _entry("a", 4, 60.0, [55.0, 65.0])]
+    axes = score_figure(summary, "t", 95).axes[0]
+    assert list(axes.get_xticks()) == [0, 4] and axes.get_ylim() == (0.0, 100.0)
+    [container] = axes.containers
+    line, _, (bars,) = container.lines
+    assert list(line.get_ydata()) == [20.0, 60.0]
+    assert [tuple(point[1] for point in segment) for segment in bars.get_segments()] == [
+        (10.0, 30.0),
+        (55.0, 65.0),
+    ]
 
 
 def test_interrupted_evaluation_continues_where_it_stopped(setup):
@@ -170,12 +215,73 @@ def test_interrupted_evaluation_continues_where_it_stopped(setup):
     assert len(path.read_text().splitlines()) == 12
 
 
-def test_cache_refuses_another_checkpoint(setup):
-    evaluate(FakeBackend(), options(setup, tasks=["digits_rank"]), checkpoint="a")
-    from kosmos.config import ConfigError
+def _scored_images(backend) -> list[str]:
+    return sorted({str([p for p in prompt if not isinstance(p, str)][-1]) for prompt, _ in backend.scored})
 
-    with pytest.raises(ConfigError, match="another checkpoint"):
-        evaluate(FakeBackend(), options(setup, tasks=["digits_rank"]), checkpoint="b")
+
+def test_another_checkpoint_reruns_every_prediction(setup):
+    step20 = CheckpointIdentity("run/checkpoints/step_00000020", 20, "a" * 64)
+    first = evaluate(FakeBackend(), options(setup, tasks=["digits_rank"]), checkpoint=step20)
+    again = FakeBackend()
+    evaluate(again, options(setup, tasks=["digits_rank"]), checkpoint=step20)
+    assert again.calls == 0
+    step24 = CheckpointIdentity("run/checkpoints/step_00000024", 24, "b" * 64)
+    trained = FakeBackend(wrong=True)
+    second = evaluate(trained, options(setup, tasks=["digits_rank"]), checkpoint=step24)
+    assert len(_scored_images(trained)) == 12
+    assert first["results"][0]["value"] == 100.0 and second["results"][0]["value"] == 0.0
+    assert second["checkpoint"]["step"] == 24
+
+
+def _edit_rows(path: Path, edit) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(edit(r)) + "\n" for r in rows))
+
+
+def test_changed_annotations_rerun_only_the_affected_predictions(setup):
+    opts = options(setup, tasks=["digits_vqa"], shots=[0, 2])
+    evaluate(FakeBackend(), opts)
+    annotations = setup / "data" / "digits" / "set.jsonl"
+    few_shot = setup / "out" / "predictions" / "digits_vqa" / "random" / "2shot_trial0" / "predictions.jsonl"
+    users_of_d0_4 = {
+        r["id"] for r in map(json.loads, few_shot.read_text().splitlines()) if "d0-4" in r["demos"]
+    }
+    assert users_of_d0_4
+
+    def edit(row):
+        if row["id"] == "d1-0":  # an evaluated question: its prompt changes
+            row["question"] = "Which digit is shown?"
+        if row["id"] == "d2-0":  # an evaluated sample's answers: only its score changes
+            row["answers"] = ["9"] * 10
+        if row["id"] == "d0-4":  # a demonstration's answer: the prompts that show it change
+            row["label"] = 2
+        return row
+
+    _edit_rows(annotations, edit)
+    backend = FakeBackend()
+    results = evaluate(backend, opts)
+    questions = [p[-1] for p in backend.generated]
+    zero_shot = [q for q in questions if "Which digit" in q]
+    assert zero_shot and len(questions) == 2 + len(users_of_d0_4 - {"d1-0"})
+    values = {r["shots"]: r["value"] for r in results["results"]}
+    assert values[0] == pytest.approx(100 * 11 / 12)  # d2-0 is scored against its new answers
+
+
+def test_trailing_slash_names_the_same_checkpoint(tmp_path, tiny_config):
+    from kosmos import config as config_io
+    from kosmos.model import KosmosModel
+
+    folder = tmp_path / "run" / "checkpoints" / "step_00000020"
+    folder.mkdir(parents=True)
+    config_io.dump(tiny_config, folder / "model.yaml")
+    (folder.parent / "latest").write_text("step_00000020")
+    model = KosmosModel(tiny_config)
+    plain = checkpoint_identity(tmp_path / "run", model)
+    assert plain == checkpoint_identity(f"{tmp_path / 'run'}/", model) == checkpoint_identity(folder, model)
+    assert plain.step == 20 and plain.path == str(folder.resolve())
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert checkpoint_identity(tmp_path / "run", model).sha256 != plain.sha256
 
 
 def test_zero_shot_only_task_skips_few_shot(setup):
@@ -283,5 +389,5 @@ def test_samples_are_sharded_over_ranks_and_gathered_on_rank_zero(setup):
 
 
 def test_more_shots_than_demonstrations_stop_before_the_model_loads(setup):
-    with pytest.raises(ConfigError, match=r"--shots: 10000 demonstrations asked for, but .* digits_rank has \d+"):
+    with pytest.raises(ConfigError, match=r"10000 demonstrations asked for but the demo pool has \d+"):
         prepare_tasks(options(setup, shots=[0, 10_000]))

@@ -12,8 +12,11 @@ from kosmos.config import ConfigError
 from kosmos.data import image_transform
 from kosmos.eval.backend import ModelBackend, load_for_eval
 from kosmos.eval.harness import EvalOptions, evaluate
+from kosmos.eval.prompts import DEMO_END
 from kosmos.eval.tasks import DecodingConfig
 from kosmos.model import KosmosModel
+
+IMAGE = object()  # stands for one image in encode_interleaved
 
 
 @pytest.fixture
@@ -55,6 +58,24 @@ def test_batched_calls_equal_single_calls(backend):
     scores = backend.log_likelihood(prompts, ["cat", "dog", "bird"])
     singles = [backend.log_likelihood([p], [c])[0] for p, c in zip(prompts, ["cat", "dog", "bird"])]
     assert scores == pytest.approx(singles, abs=1e-4)
+
+
+def test_demonstrations_are_documents_of_their_own(backend, tokenizer, tiny_config):
+    q = tiny_config.connector.num_queries
+    prompt = [
+        picture("red"),
+        "Question: what? Answer: red",
+        DEMO_END,
+        picture("blue"),
+        "Question: what? Answer:",
+    ]
+    encoded, images = backend.encode(prompt, "blue")
+    demo = tokenizer.encode_interleaved([IMAGE, "Question: what? Answer: red"], q, bos=True, eos=True)
+    query = tokenizer.encode_interleaved(
+        [IMAGE, "Question: what? Answer:", "blue"], q, bos=True, eos=False, learn=[False, False, True]
+    )
+    assert encoded.ids == demo.ids + query.ids and encoded.ids[len(demo) - 1] == tokenizer.eos_id
+    assert encoded.learn == [False] * len(demo) + query.learn and len(images) == 2
 
 
 def test_too_long_prompt_is_refused(backend):
@@ -131,7 +152,7 @@ def test_tasks_run_end_to_end_with_the_model(backend, tmp_path):
         shots=[0, 1],
         bootstrap_resamples=100,
     )
-    results = evaluate(backend, options, checkpoint="random-init")
+    results = evaluate(backend, options)
     values = {(r["task"], r["shots"]): r["value"] for r in results["results"]}
     assert set(values) == {("cls", 0), ("cls", 1), ("cap", 0), ("cap", 1), ("raven", 0)}
     assert all(0.0 <= v <= 100.0 for (task, _), v in values.items() if task != "cap")
@@ -157,10 +178,38 @@ def test_command_line_checks_tasks_before_loading_the_model(tmp_path, monkeypatc
     assert f"{bad}: metrics[0]: unknown metric 'cidr'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--retrieval-weights", "missing.pt"], "--retrieval-weights: missing.pt is not a file"),
+        (["--retrieval-clip", "No-Such-CLIP", "--retrieval-weights", "x"], "open_clip has no model"),
+        ([], "needs --retrieval-weights"),
+    ],
+)
+def test_retrieval_options_are_checked_before_loading_the_model(
+    tmp_path, monkeypatch, capsys, flags, message
+):
+    from kosmos.cli import main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the retrieval options were checked")
+
+    monkeypatch.setattr("kosmos.eval.backend.load_for_eval", must_not_load)
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--checkpoint", "nowhere", "--tasks", "raven_generated", "--out", "out"]
+    code = main([*args, "--shots", "0,2", "--demos", "rices", *flags])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny_config):
+    from kosmos import config as config_io
     from kosmos.cli import main
 
     model = KosmosModel(tiny_config).eval()
+    folder = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000020"
+    folder.mkdir(parents=True)
+    config_io.dump(tiny_config, folder / "model.yaml")
+    (folder.parent / "latest").write_text("step_00000020")
     monkeypatch.setattr(
         "kosmos.eval.backend.load_for_eval", lambda path, device: (model, tokenizer, tiny_config)
     )
@@ -168,7 +217,7 @@ def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny
         [
             "eval",
             "--checkpoint",
-            "runs/tiny",
+            str(tmp_path / "runs" / "tiny"),
             "--tasks",
             "raven_generated",
             "--out",
@@ -182,4 +231,5 @@ def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny
     assert code == 0
     assert "| raven_generated | accuracy | 0 |" in capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["checkpoint"] == "runs/tiny" and results["model_config"]["connector"]["num_queries"] == 16
+    assert results["checkpoint"]["step"] == 20 and results["checkpoint"]["path"] == str(folder.resolve())
+    assert results["model_config"]["connector"]["num_queries"] == 16

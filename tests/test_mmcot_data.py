@@ -25,6 +25,7 @@ from kosmos.data.scienceqa import (
 )
 from kosmos.data.shards import ShardReader, read_index
 from kosmos.data.stream import encode_document
+from kosmos.eval.cache import CheckpointIdentity
 from kosmos.eval.mmcot import answer_problems, generate_rationales, score_answers
 from kosmos.tokenizer import IGNORE_INDEX
 
@@ -268,7 +269,7 @@ def test_test_time_answers_read_each_problems_own_rationale(scienceqa, tmp_path)
     order = rng.sample(sorted(rationales), len(rationales))
     path = rationale_file(tmp_path / "rationales.jsonl", rationales, order)
     backend = ReadingBackend()
-    records = answer_problems(backend, problems, tmp_path / "answers", "ckpt", path, batch_size=3)
+    records = answer_problems(backend, problems, tmp_path / "answers", None, path, batch_size=3)
     assert [r["id"] for r in records] == [p.pid for p in problems]
     for record, problem, prompt in zip(records, problems, backend.prompts):
         assert record["rationale"] == rationales[problem.pid]
@@ -281,13 +282,18 @@ def test_test_time_answers_read_each_problems_own_rationale(scienceqa, tmp_path)
     assert scores["breakdown"]["social"] == 0.0 and scores["breakdown"]["language"] == 100.0
     assert scores["breakdown"]["no_context"] == 0.0 and scores["breakdown"]["has_image"] == 100.0
 
-    # A rerun finds every answer cached; other rationales under the same folder are refused.
+    # A rerun finds every answer cached; after one rationale changed, only its problem runs again.
     again = ReadingBackend()
-    assert answer_problems(again, problems, tmp_path / "answers", "ckpt", path) == records
+    assert answer_problems(again, problems, tmp_path / "answers", None, path) == records
     assert again.prompts == []
     changed = rationale_file(tmp_path / "changed.jsonl", {**rationales, "14": "pick B"}, order)
-    with pytest.raises(ConfigError, match="another checkpoint"):
-        answer_problems(again, problems, tmp_path / "answers", "ckpt", changed)
+    updated = answer_problems(again, problems, tmp_path / "answers", None, changed)
+    assert len(again.prompts) == 1 and "pick B" in again.prompts[0][-1]
+    assert {r["id"]: r["choice"] for r in updated} == {"11": 1, "12": 0, "13": 0, "14": 1}
+    # Another checkpoint runs every problem again.
+    other = ReadingBackend()
+    answer_problems(other, problems, tmp_path / "answers", CheckpointIdentity("c", 7, "f" * 64), changed)
+    assert len(other.prompts) == len(problems)
 
 
 def test_rationales_are_recorded_by_problem_id(scienceqa, tmp_path):
@@ -297,7 +303,7 @@ def test_rationales_are_recorded_by_problem_id(scienceqa, tmp_path):
         def generate(self, prompts, decoding, max_new_tokens=None):
             return [f"about: {prompt[-1].split(' Context')[0]}" for prompt in prompts]
 
-    records = generate_rationales(Echo(), problems, tmp_path / "rationales", "ckpt", batch_size=2)
+    records = generate_rationales(Echo(), problems, tmp_path / "rationales", None, batch_size=2)
     assert [r["id"] for r in records] == [p.pid for p in problems]
     for record, problem in zip(records, problems):
         assert record["prediction"] == f"about: Question: {problem.question}"

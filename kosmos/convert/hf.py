@@ -72,14 +72,17 @@ def _written_atomically(out_dir: Path) -> Iterator[Path]:
 # Export
 
 
-def build_processor(tokenizer_file: str | Path, image_size: int, folder: Path):
-    """A `Kosmos2Processor` over our SentencePiece model, saved into (and loaded from) `folder`."""
+def build_processor(tokenizer_file: str | Path, image_size: int, num_image_tokens: int, folder: Path):
+    """A `Kosmos2Processor` over our SentencePiece model, saved into (and loaded from) `folder`, that
+    gives every image `num_image_tokens` slots when called plainly."""
     from transformers import CLIPImageProcessor, Kosmos2Processor, XLMRobertaTokenizer
 
     shutil.copyfile(tokenizer_file, folder / SENTENCEPIECE_FILE)
     # Built from the SentencePiece file (converted by `transformers`, which needs protobuf):
-    # piece p gets id p + 1 and <mask> follows the pieces, as in our fairseq layout.
-    tokenizer = XLMRobertaTokenizer.from_pretrained(folder)
+    # piece p gets id p + 1 and <mask> follows the pieces, as in our fairseq layout. The processor
+    # reads its default number of image slots (otherwise 64) from the tokenizer's saved settings, so
+    # `num_image_tokens` goes into tokenizer_config.json.
+    tokenizer = XLMRobertaTokenizer.from_pretrained(folder, num_image_tokens=num_image_tokens)
     # CLIPImageProcessor's defaults are CLIP's: bicubic resize of the shorter side, centre crop,
     # OpenAI CLIP mean and std; only the size is ours.
     image_processor = CLIPImageProcessor(
@@ -131,7 +134,9 @@ def export_to_hf(
     with _written_atomically(out_dir) as tmp:
         config.save_pretrained(tmp)
         save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size)
-        processor = build_processor(tokenizer.model_file, model_cfg.vision.image_size, tmp)
+        processor = build_processor(
+            tokenizer.model_file, model_cfg.vision.image_size, model_cfg.connector.num_queries, tmp
+        )
         _check_processor_ids(processor, tokenizer)
     return out_dir
 

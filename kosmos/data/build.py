@@ -14,6 +14,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tqdm import tqdm
+
 from kosmos.config import ConfigError
 from kosmos.data.decode import check_unicode, load_json
 from kosmos.data.shards import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, CorpusIndex, CorpusWriter, SkipSample
@@ -102,6 +104,22 @@ def image_under(root: Path, relative: object) -> tuple[str, bytes]:
     return image_member(path)
 
 
+def count_records(path: Path) -> int:
+    """How many records `read_records` will yield, for a progress bar (CSV rows spanning several lines
+    make it an overestimate)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    return lines - (path.suffix.lower() in (".csv", ".tsv"))  # the header
+
+
+def _progress(total: int, unit: str, kind: str) -> tqdm:
+    return tqdm(total=total, unit=unit, desc=f"kosmos data build: {kind}", dynamic_ncols=True)
+
+
 def _text(value: object) -> bytes:
     if value is None:
         raise SkipSample("missing_text")
@@ -123,9 +141,11 @@ def _build_from_records(
     lays it out, or raises SkipSample; rows that cannot be read are counted (see `read_records`)."""
     for path in inputs:
         _require(path, "--input")
-    with CorpusWriter(out, kind, **shard_options) as writer:
+    total = sum(count_records(path) for path in inputs)
+    with CorpusWriter(out, kind, **shard_options) as writer, _progress(total, "record", kind) as bar:
         for path in inputs:
             for record in read_records(path):
+                bar.update()
                 try:
                     if isinstance(record, SkipSample):
                         raise record
@@ -176,8 +196,12 @@ def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> Corp
             tarfile.open(path, mode="r:").close()
         except (OSError, tarfile.TarError) as error:
             raise ConfigError(f"--shards: {path} is not a readable tar file ({error})") from None
-    with CorpusWriter(out, "caption", **shard_options) as writer:
+    with (
+        CorpusWriter(out, "caption", **shard_options) as writer,
+        _progress(len(shards), "shard", "caption") as bar,
+    ):
         for path in shards:
+            bar.update()
             with tarfile.open(path, mode="r:") as tar:
                 for key, samples in _key_groups(_regular_members(tar, path, writer.skip)):
                     for members in samples:

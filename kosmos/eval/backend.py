@@ -1,7 +1,8 @@
 """The model seen by the runners: generate text after a prompt, or score a continuation's likelihood.
 
 Prompts are interleaved parts (text and images); they are laid out with `Tokenizer.encode_interleaved`
-(`<s>`, no closing `</s>`) and images go through the CLIP transform the model was trained with.
+(`<s>`, no closing `</s>`; each few-shot demonstration is a document of its own, `<s> ... </s>`) and
+images go through the CLIP transform the model was trained with.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from kosmos.config import ConfigError
 from kosmos.eval.datasets import load_image
-from kosmos.eval.prompts import Prompt
+from kosmos.eval.prompts import DEMO_END, Prompt, is_image
 from kosmos.eval.tasks import DecodingConfig
 from kosmos.tokenizer import Encoded, Tokenizer
 
@@ -48,11 +49,24 @@ class ModelBackend:
         """Token layout and image tensors of one prompt, with `reserve` positions left for generation;
         `seen` keeps images already transformed in this call (ranking repeats a prompt's images)."""
         seen = {} if seen is None else seen
-        parts = list(prompt) + ([continuation] if continuation is not None else [])
-        learn = [False] * len(prompt) + ([True] if continuation is not None else [])
-        encoded = self.tokenizer.encode_interleaved(
-            parts, self.num_image_tokens, bos=True, eos=False, learn=learn
-        )
+        documents: list[list] = [[]]
+        for part in prompt:
+            if part is DEMO_END:
+                documents.append([])
+            else:
+                documents[-1].append(part)
+        encoded = Encoded()
+        for n, document in enumerate(documents):
+            last = n == len(documents) - 1
+            parts = document + ([continuation] if last and continuation is not None else [])
+            learn = [False] * len(document) + ([True] if last and continuation is not None else [])
+            piece = self.tokenizer.encode_interleaved(
+                parts, self.num_image_tokens, bos=True, eos=not last, learn=learn
+            )
+            encoded.ids += piece.ids
+            encoded.image_mask += piece.image_mask
+            encoded.learn += piece.learn
+            encoded.num_images += piece.num_images
         if len(encoded) + reserve > self.max_positions:
             raise ValueError(
                 f"a prompt of {len(encoded)} tokens (+{reserve} to generate) exceeds the model's "
@@ -60,7 +74,7 @@ class ModelBackend:
             )
         images = []
         for part in prompt:
-            if not isinstance(part, str):
+            if is_image(part):
                 if id(part) not in seen:
                     seen[id(part)] = (part, self.transform(load_image(part)))  # the part keeps its id alive
                 images.append(seen[id(part)][1])

@@ -79,6 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from kosmos.config import to_dict
     from kosmos.eval.backend import ModelBackend, load_for_eval
+    from kosmos.eval.cache import checkpoint_identity
     from kosmos.eval.demos import ClipEmbedder
     from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
 
@@ -99,6 +100,8 @@ def _eval(args: argparse.Namespace) -> int:
     retrieval = args.demos != "random" and any(s > 0 for s in options.shots)
     if retrieval and not args.retrieval_weights:
         raise ConfigError(f"--demos {args.demos}: needs --retrieval-weights (a local open_clip checkpoint)")
+    if retrieval:
+        ClipEmbedder.check(args.retrieval_clip, args.retrieval_weights)
     device = args.device or (
         f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     )
@@ -107,7 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluate(
         ModelBackend(model, tokenizer, options.batch_size, args.compile),
         options,
-        str(args.checkpoint),
+        checkpoint_identity(args.checkpoint, model),
         to_dict(model_cfg),
         embedder,
         tasks,
@@ -171,25 +174,30 @@ def _mmcot_problems(args: argparse.Namespace) -> list:
 
 
 def _mmcot_backend(args: argparse.Namespace):
+    """The model's backend and its checkpoint's identity."""
     import torch
 
     from kosmos.eval.backend import ModelBackend, load_for_eval
+    from kosmos.eval.cache import checkpoint_identity
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_for_eval(args.checkpoint, device)
-    return ModelBackend(model, tokenizer, args.batch_size, args.compile)
+    return ModelBackend(model, tokenizer, args.batch_size, args.compile), checkpoint_identity(
+        args.checkpoint, model
+    )
 
 
 def _mmcot_rationales(args: argparse.Namespace) -> int:
     from kosmos.eval.mmcot import generate_rationales, score_rationales, write_results
 
     problems = _mmcot_problems(args)
+    backend, checkpoint = _mmcot_backend(args)
     records = generate_rationales(
-        _mmcot_backend(args), problems, args.out, str(args.checkpoint), args.max_new_tokens, args.batch_size
+        backend, problems, args.out, checkpoint, args.max_new_tokens, args.batch_size
     )
     results = {
         "stage": "rationale",
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": checkpoint.as_dict(),
         "split": args.split,
         "rationales": score_rationales(problems, [r["prediction"] for r in records]),
     }
@@ -204,18 +212,19 @@ def _mmcot_answers(args: argparse.Namespace) -> int:
     problems = _mmcot_problems(args)
     if args.rationales is not None:  # every problem has its rationale, known before the model loads
         rationales_for(problems, read_rationales(args.rationales), str(args.rationales))
+    backend, checkpoint = _mmcot_backend(args)
     records = answer_problems(
-        _mmcot_backend(args),
+        backend,
         problems,
         args.out,
-        str(args.checkpoint),
+        checkpoint,
         args.rationales,
         args.max_new_tokens,
         args.batch_size,
     )
     results = {
         "stage": "direct" if args.rationales is None else "answer",
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": checkpoint.as_dict(),
         "split": args.split,
         "answers": score_answers(records),
     }

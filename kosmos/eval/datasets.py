@@ -3,7 +3,7 @@
 Formats (the split section of a task file names the files):
 - karpathy: Karpathy's `dataset_coco.json` / `dataset_flickr30k.json` (COCO and Flickr30k captions);
 - vqav2: the VQA questions and annotations files plus an image folder;
-- vizwiz: VizWiz's annotation list (legacy "unsuitable" labels read as "unanswerable");
+- vizwiz: VizWiz's annotation list (human answers as they are, scored by VizWiz's rule);
 - image_folder: one sub-folder of images per class, the folder name being the class name;
 - scienceqa: ScienceQA's `problems.json` with `images/<split>/<id>/image.png`;
 - rendered_sst2: SST-2 sentences (a `sentence<TAB>label` file) rendered to images here;
@@ -31,7 +31,6 @@ from PIL import Image, ImageDraw, ImageFont
 from kosmos.config import ConfigError
 from kosmos.data.scienceqa import context_text, load_problems, options_text
 from kosmos.eval import raven
-from kosmos.eval.metrics.vqa import vizwiz_answers
 from kosmos.eval.tasks import FORMATS, SplitConfig, TaskConfig
 
 ImageRef = Path | Image.Image | Callable[[], Image.Image]
@@ -137,7 +136,7 @@ def _vizwiz(split: SplitConfig, root: Path, key: str) -> list[Sample]:
                 Path(item["image"]).stem,
                 {"image": [images / item["image"]]},
                 {"question": item["question"]},
-                references=vizwiz_answers([a["answer"] for a in item["answers"]]),
+                references=[a["answer"] for a in item["answers"]],
                 meta=meta,
             )
         )

@@ -2,7 +2,10 @@
 
 Every task file is read, validated and its data checked before the model runs. Each run (task, shot
 count, demonstration scheme, trial) keeps its predictions in `OUT/predictions/<run>/predictions.jsonl`,
-appended batch by batch by rank 0, so an interrupted evaluation continues where it stopped. With
+appended batch by batch by rank 0, each record under the hash of everything that decides it
+(`kosmos.eval.cache`): an interrupted evaluation continues where it stopped, and a rerun after a
+change (further training, an edited annotation or template) runs again exactly the samples whose
+inputs changed. Scoring always reads the current references. With
 several processes (torchrun: RANK, WORLD_SIZE), each step gives every rank a slice of the next batch
 and rank 0 gathers the records; only rank 0 writes. Scores go to `OUT/results.json`, and
 `OUT/report.md` shows them in a table next to a plot of score against shots.
@@ -21,13 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from kosmos.config import ConfigError, to_dict
+from kosmos.eval.cache import CheckpointIdentity, ImageHashes, PredictionCache, PredictionKeys, data_files
 from kosmos.eval.datasets import Sample, load_samples
-from kosmos.eval.demos import SCHEMES, build_selector
+from kosmos.eval.demos import SCHEMES, build_selector, check_demos
 from kosmos.eval.metrics import MetricResult, baseline_scores, bootstrap_ci, compute_metrics
 from kosmos.eval.report import write_report
-from kosmos.eval.runners import run_batch
+from kosmos.eval.runners import run_batch, sample_fields
 from kosmos.eval.tasks import TaskConfig, load_task, task_path
 
 
@@ -63,6 +68,7 @@ class PreparedTask:
     config: TaskConfig
     samples: list[Sample]
     pool: list[Sample] | None  # demonstrations, when the task has a demo split and shots are asked for
+    files: dict[str, dict]  # data files by config key: path and content hash
 
 
 @dataclass
@@ -110,14 +116,12 @@ def prepare_tasks(options: EvalOptions) -> list[PreparedTask]:
             pool = load_samples(task, "demos", options.data_root) if wants_demos and task.few_shot else None
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
-        if pool is not None and max(options.shots) > len(pool):
-            raise ConfigError(
-                f"--shots: {max(options.shots)} demonstrations asked for, but the demonstration pool of "
-                f"{task.name} has {len(pool)} samples"
-            )
         if options.limit is not None:
             samples = samples[: options.limit]
-        prepared.append(PreparedTask(path, task, samples, pool))
+        for shots in options.shots if pool is not None else ():
+            if shots:
+                check_demos(options.demos, pool, samples, shots, str(path))
+        prepared.append(PreparedTask(path, task, samples, pool, data_files(task, options.data_root)))
     return prepared
 
 
@@ -134,45 +138,6 @@ def plan_runs(tasks: Sequence[PreparedTask], options: EvalOptions) -> list[Run]:
                 trials = options.trials if options.demos == "random" else 1
                 runs.extend(Run(task, shots, t, options.demos) for t in range(trials))
     return runs
-
-
-class PredictionCache:
-    """The predictions of one run, one JSON record per line; tells which samples are done."""
-
-    def __init__(self, folder: Path, identity: dict):
-        self.folder = folder
-        self.path = folder / "predictions.jsonl"
-        self.identity = identity
-
-    def open(self) -> dict[str, dict]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        identity_file = self.folder / "run.json"
-        if identity_file.is_file():
-            stored = json.loads(identity_file.read_text())
-            if stored != self.identity:
-                raise ConfigError(
-                    f"{self.folder} holds predictions from another checkpoint or task configuration; "
-                    "use another --out (or remove that folder)"
-                )
-        else:
-            identity_file.write_text(json.dumps(self.identity, indent=1))
-        records = {}
-        if self.path.is_file():
-            with self.path.open() as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by an interruption: that sample runs again
-                    records[record["id"]] = record
-        return records
-
-    def append(self, records: Sequence[dict]) -> None:
-        with self.path.open("a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def _broadcast(value):
@@ -192,53 +157,75 @@ def _gather(records: list[dict]) -> list[dict]:
     return records
 
 
-def predict(run: Run, backend, selector, options: EvalOptions, identity: dict) -> list[dict] | None:
-    """Every sample's record for `run` (on rank 0; None elsewhere), running only what is not cached."""
+def predict(
+    run: Run,
+    backend,
+    selector,
+    options: EvalOptions,
+    checkpoint: CheckpointIdentity | None,
+    images: ImageHashes,
+) -> list[dict] | None:
+    """Every sample's record for `run` (on rank 0; None elsewhere), running only what is not cached
+    under its current key."""
     rank, world = rank_and_world()
-    cache = PredictionCache(options.out / "predictions" / run.key, identity)
-    cached, problem = {}, None
+    samples, pool = run.task.samples, run.task.pool
+    cache = PredictionCache(options.out / "predictions" / run.key)
+    demos = {
+        s.id: [pool[i] for i in selector.select(s, run.shots, run.trial)] if run.shots else []
+        for s in samples
+    }
+    cached, keys = {}, {}
     if rank == 0:
-        try:
-            cached = cache.open()
-        except ConfigError as error:
-            problem = str(error)
-    done, problem = _broadcast((set(cached), problem))
-    if problem:  # every rank stops, not only rank 0
-        raise ConfigError(problem)
-    todo = [s for s in run.task.samples if s.id not in done]
-    if todo:
-        log(f"{run.key}: {len(todo)} of {len(run.task.samples)} samples to run")
-    pool = run.task.pool
+        make_key = PredictionKeys(run.task.config, checkpoint, images)
+        keys = {s.id: make_key(s, demos[s.id]) for s in samples}
+        cached = {i: r for i, r in cache.read().items() if i in keys and r.get("key") == keys[i]}
+    done = _broadcast(set(cached))
+    todo = [s for s in samples if s.id not in done]
+    bar = tqdm(
+        total=len(todo),
+        desc=f"kosmos eval: {run.key}",
+        unit="sample",
+        dynamic_ncols=True,
+        disable=rank != 0 or not todo,
+    )
+    if todo and rank == 0:
+        bar.write(
+            f"kosmos eval: {run.key}: {len(todo)} of {len(samples)} samples to run ({len(done)} cached)",
+            file=sys.stderr,
+        )
     step_size = options.batch_size * world
     for start in range(0, len(todo), step_size):
         mine = todo[start : start + step_size][rank::world]
         records = []
         if mine:
-            demos = [
-                [pool[i] for i in selector.select(q, run.shots, run.trial)] if run.shots else [] for q in mine
-            ]
-            records = run_batch(run.task.config, backend, mine, demos)
-            for record, sample_demos in zip(records, demos):
-                record.update(shots=run.shots, trial=run.trial, demos=[d.id for d in sample_demos])
+            records = run_batch(run.task.config, backend, mine, [demos[q.id] for q in mine])
+            for record in records:
+                record.update(shots=run.shots, trial=run.trial, demos=[d.id for d in demos[record["id"]]])
         records = _gather(records)
         if rank == 0:
+            for record in records:
+                record["key"] = keys[record["id"]]
             cache.append(records)
             cached.update((r["id"], r) for r in records)
+            bar.update(len(records))
+    bar.close()
     if rank != 0:
         return None
-    return [cached[s.id] for s in run.task.samples]
+    # What the metrics compare with comes from the data as it is now, not as it was when predicted.
+    records = [{**cached[s.id], **sample_fields(s)} for s in samples]
+    cache.rewrite(records)
+    return records
 
 
-def score(run: Run, records: list[dict], options: EvalOptions, checkpoint: str) -> list[dict]:
+def score(run: Run, records: list[dict], options: EvalOptions) -> list[dict]:
     """Result rows for one run: one per metric, with a bootstrap interval where the metric allows."""
     task = run.task.config
-    results, unavailable = compute_metrics(task.metrics, records, task.unanswerable_aliases)
+    results, unavailable = compute_metrics(task.metrics, records)
     base = {
         "task": task.name,
         "shots": run.shots,
         "trial": run.trial,
         "demos": run.demos,
-        "checkpoint": checkpoint,
         "num_samples": len(records),
         "config": to_dict(task),
     }
@@ -285,6 +272,8 @@ def summarize(rows: Sequence[dict], options: EvalOptions) -> list[dict]:
             "shots": shots,
             "trials": len(members),
             "demos": members[0]["demos"],
+            "num_samples": members[0]["num_samples"],
+            "note": members[0].get("note"),
         }
         if "baselines" in members[0]:
             entry["baselines"] = members[0]["baselines"]
@@ -307,10 +296,17 @@ def summarize(rows: Sequence[dict], options: EvalOptions) -> list[dict]:
     return summary
 
 
-def write_results(rows: list[dict], options: EvalOptions, checkpoint: str, model_config: dict | None) -> dict:
+def write_results(
+    rows: list[dict],
+    options: EvalOptions,
+    tasks: Sequence[PreparedTask],
+    checkpoint: CheckpointIdentity | None,
+    model_config: dict | None,
+) -> dict:
     results = {
-        "checkpoint": checkpoint,
+        "checkpoint": checkpoint.as_dict() if checkpoint is not None else None,
         "model_config": model_config,
+        "data_files": {t.config.name: t.files for t in tasks},
         "options": {
             "tasks": options.tasks,
             "shots": options.shots,
@@ -333,7 +329,7 @@ def write_results(rows: list[dict], options: EvalOptions, checkpoint: str, model
 def evaluate(
     backend,
     options: EvalOptions,
-    checkpoint: str = "",
+    checkpoint: CheckpointIdentity | None = None,
     model_config: dict | None = None,
     embedder=None,
     tasks: list[PreparedTask] | None = None,
@@ -341,6 +337,8 @@ def evaluate(
     """Run every task at every shot count; returns the results (on rank 0; None elsewhere).
 
     `backend` answers prompts (`ModelBackend` around a model, or anything with its two methods);
+    `checkpoint` identifies its weights (`kosmos.eval.cache.checkpoint_identity`), part of every
+    prediction's cache key;
     `embedder` gives CLIP embeddings for the retrieval demonstration schemes; `tasks` are the
     prepared tasks when the caller has read them already (before loading the model).
     """
@@ -350,31 +348,25 @@ def evaluate(
     rank, _ = rank_and_world()
     runs = plan_runs(tasks, options)
     rows: list[dict] = []
-    selectors: dict[str, object] = {}
+    # Demonstration selectors first (retrieval embeds every pool and query): a failure there stops
+    # the evaluation before any prediction runs.
+    few_shot = {run.task.config.name: run.task for run in runs if run.shots}
+    selectors = {
+        name: build_selector(
+            options.demos, task.pool, task.samples, embedder, task.config.demo_group, options.seed
+        )
+        for name, task in few_shot.items()
+    }
+    images = ImageHashes()
     for run in runs:
-        selector = None
-        if run.shots:
-            name = run.task.config.name
-            if name not in selectors:
-                selectors[name] = build_selector(
-                    options.demos,
-                    run.task.pool,
-                    run.task.samples,
-                    embedder,
-                    run.task.config.demo_group,
-                    options.seed,
-                )
-            selector = selectors[name]
-        identity = {"checkpoint": checkpoint, "task": to_dict(run.task.config)}
-        if run.shots:  # which demonstrations a query gets depends on these too
-            identity.update(seed=options.seed, retrieval=getattr(embedder, "name", None))
-        records = predict(run, backend, selector, options, identity)
+        selector = selectors.get(run.task.config.name)
+        records = predict(run, backend, selector, options, checkpoint, images)
         if rank == 0:
-            rows.extend(score(run, records, options, checkpoint))
-            write_results(rows, options, checkpoint, model_config)
+            rows.extend(score(run, records, options))
+            write_results(rows, options, tasks, checkpoint, model_config)
     if rank != 0:
         return None
-    results = write_results(rows, options, checkpoint, model_config)
+    results = write_results(rows, options, tasks, checkpoint, model_config)
     write_report(results, options.out)
     log(f"results in {options.out / 'results.json'}, report in {options.out / 'report.md'}")
     return results

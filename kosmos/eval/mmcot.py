@@ -5,13 +5,15 @@ the lecture and solution). `answer_problems`: the stage-2 model reads each probl
 looked up by problem id, and writes `The answer is (X).` (or, for the one-stage baseline, answers
 without one). An answer that names none of the options counts as wrong; nothing is guessed.
 
-Each command keeps its records in `OUT/predictions.jsonl`, appended batch by batch, so an interrupted
-run continues where it stopped; `OUT/results.json` and `OUT/report.md` hold the scores.
+Each command keeps its records in `OUT/predictions.jsonl`, appended batch by batch, each under the
+hash of what decides it (the checkpoint's step and weights, the stage, the token budget and the prompt
+with its rationale and image contents; `kosmos.eval.cache`): an interrupted run continues where it
+stopped, and a rerun after a change runs again exactly the problems it affects. `OUT/results.json`
+and `OUT/report.md` hold the scores.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +28,13 @@ from kosmos.data.scienceqa import (
     rationales_for,
     read_rationales,
 )
-from kosmos.eval.harness import PredictionCache
+from kosmos.eval.cache import (
+    CheckpointIdentity,
+    ImageHashes,
+    PredictionCache,
+    describe_prompt,
+    prediction_key,
+)
 from kosmos.eval.metrics import bootstrap_ci, compute_metrics
 from kosmos.eval.tasks import DecodingConfig
 
@@ -43,35 +51,47 @@ def check_problems(problems: Sequence[Problem], split: str) -> None:
 def _run(
     backend,
     problems: Sequence[Problem],
-    cache: PredictionCache,
+    out: Path,
+    context: dict,
     prompt: Callable[[Problem], list],
     record: Callable[[Problem, str], dict],
-    max_new_tokens: int,
     batch_size: int,
 ) -> list[dict]:
-    """One record per problem, generating only for those the cache does not hold yet."""
-    done = cache.open()
+    """One record per problem, generating only for those the cache does not hold under their key."""
+    cache = PredictionCache(out)
+    images = ImageHashes()
+    keys = {p.pid: prediction_key(context, describe_prompt(prompt(p), images)) for p in problems}
+    done = {pid: r for pid, r in cache.read().items() if pid in keys and r.get("key") == keys[pid]}
     todo = [p for p in problems if p.pid not in done]
-    decoding = DecodingConfig(strategy="greedy", max_new_tokens=max_new_tokens)
+    decoding = DecodingConfig(strategy="greedy", max_new_tokens=context["max_new_tokens"])
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         texts = backend.generate([prompt(p) for p in batch], decoding)
-        records = [record(p, text) for p, text in zip(batch, texts, strict=True)]
+        records = [{**record(p, text), "key": keys[p.pid]} for p, text in zip(batch, texts, strict=True)]
         cache.append(records)
         done.update((r["id"], r) for r in records)
-    return [done[p.pid] for p in problems]
+    records = [done[p.pid] for p in problems]
+    cache.rewrite(records)
+    return records
+
+
+def _context(stage: str, checkpoint: CheckpointIdentity | None, max_new_tokens: int) -> dict:
+    return {
+        "stage": stage,
+        "checkpoint": checkpoint.key if checkpoint is not None else None,
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def generate_rationales(
     backend,
     problems: Sequence[Problem],
     out: Path,
-    checkpoint: str,
+    checkpoint: CheckpointIdentity | None,
     max_new_tokens: int = 512,
     batch_size: int = 8,
 ) -> list[dict]:
     """Stage 1: `{"id", "prediction" (the rationale), "references" ([gold] or [])}` per problem."""
-    identity = {"stage": "rationale", "checkpoint": checkpoint, "max_new_tokens": max_new_tokens}
 
     def record(problem: Problem, text: str) -> dict:
         gold = gold_rationale(problem)
@@ -80,10 +100,10 @@ def generate_rationales(
     return _run(
         backend,
         problems,
-        PredictionCache(out, identity),
+        out,
+        _context("rationale", checkpoint, max_new_tokens),
         lambda p: prompt_parts(p, "rationale"),
         record,
-        max_new_tokens,
         batch_size,
     )
 
@@ -92,7 +112,7 @@ def answer_problems(
     backend,
     problems: Sequence[Problem],
     out: Path,
-    checkpoint: str,
+    checkpoint: CheckpointIdentity | None,
     rationales: Path | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 8,
@@ -101,12 +121,10 @@ def answer_problems(
     one-stage baseline without. Records carry the generated text, the option it names (`choice`,
     -1 when it names none), the right `answer`, and the metadata the breakdown groups by."""
     by_pid: dict[str, str] = {}
-    identity = {"stage": "direct", "checkpoint": checkpoint, "max_new_tokens": max_new_tokens}
     if rationales is not None:
         texts = rationales_for(list(problems), read_rationales(rationales), str(rationales))
         by_pid = {p.pid: text for p, text in zip(problems, texts)}
-        digest = hashlib.sha256(rationales.read_bytes()).hexdigest()
-        identity.update(stage="answer", rationales=str(rationales), rationales_sha256=digest)
+    stage = "direct" if rationales is None else "answer"
 
     def prompt(problem: Problem) -> list:
         if rationales is None:
@@ -127,7 +145,9 @@ def answer_problems(
             out["rationale"] = by_pid[problem.pid]
         return out
 
-    return _run(backend, problems, PredictionCache(out, identity), prompt, record, max_new_tokens, batch_size)
+    return _run(
+        backend, problems, out, _context(stage, checkpoint, max_new_tokens), prompt, record, batch_size
+    )
 
 
 def score_answers(records: Sequence[dict], seed: int = 0) -> dict:
@@ -168,7 +188,14 @@ def write_results(out: Path, results: dict) -> str:
     """`results.json` and a short Markdown report (returned) in `out`."""
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [f"# ScienceQA multimodal chain-of-thought: {results['stage']}", ""]
-    lines += [f"Checkpoint: `{results['checkpoint']}`, split {results['split']}", ""]
+    checkpoint = results["checkpoint"]
+    lines += [
+        (
+            f"Checkpoint: `{checkpoint['path']}`, step {checkpoint['step']}, weights sha256 "
+            f"`{checkpoint['sha256'][:16]}`; split {results['split']}"
+        ),
+        "",
+    ]
     if "answers" in results:
         answers = results["answers"]
         low, high = answers["ci95"]

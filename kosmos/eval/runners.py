@@ -20,7 +20,8 @@ from kosmos.eval.prompts import few_shot_prompt, fill
 from kosmos.eval.tasks import TaskConfig
 
 
-def _record(sample: Sample) -> dict:
+def sample_fields(sample: Sample) -> dict:
+    """What a record holds of its sample: what the metrics compare the prediction with."""
     record = {
         "id": sample.id,
         "references": sample.references,
@@ -47,7 +48,7 @@ def run_batch(
     task: TaskConfig, backend, samples: Sequence[Sample], demos: Sequence[Sequence[Sample]]
 ) -> list[dict]:
     """Prediction records for `samples`; `demos[i]` are sample i's demonstrations, in prompt order."""
-    records = [_record(s) for s in samples]
+    records = [sample_fields(s) for s in samples]
     rationales = _rationales(task, backend, samples)
     extras = [{} if r is None else {"rationale": r} for r in rationales]
     for record, rationale in zip(records, rationales):

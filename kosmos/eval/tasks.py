@@ -124,8 +124,6 @@ class TaskConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     # Sample metadata key that groups demonstrations for stratified selection (e.g. question_type).
     demo_group: str | None = None
-    # VizWiz: predictions meaning "cannot tell" that count as the answer "unanswerable".
-    unanswerable_aliases: list[str] = field(default_factory=list)
 
     def validate(self, prefix: str) -> None:
         def key(name: str) -> str:

@@ -10,7 +10,7 @@ _MODULES = {
         "VisionConfig",
         "load_model_config",
     ],
-    "kosmos.model.flops": ["language_flops_per_token", "parameter_counts", "vision_flops_per_image"],
+    "kosmos.model.flops": ["attention_pairs", "parameter_counts", "training_flops", "vision_flops_per_image"],
     "kosmos.model.generation": ["generate", "pad_batch", "sequence_log_likelihood"],
     "kosmos.model.kosmos": ["KosmosModel", "KosmosOutput", "KVCache"],
     "kosmos.model.vision": ["VisionWeightsError", "check_vision_weights", "load_vision_weights"],

@@ -1,11 +1,16 @@
-"""Parameter counts (on the meta device, no weights allocated) and FLOP estimates for MFU.
+"""Parameter counts (on the meta device, no weights allocated) and the FLOPs of training, for MFU.
 
-MFU = achieved FLOP/s / peak FLOP/s, with the achieved FLOPs of one training step counted as
-- language model: 6 * N + 12 * L * d * T per token (PaLM, appendix B): N the decoder's parameters
-  including the tied embedding (the LM head matmul), the second term the attention scores and
-  weighted sums over a context of T, forward and backward;
+MFU = achieved FLOP/s / peak FLOP/s. `training_flops` counts the FLOPs the model actually performs,
+forward and backward (PaLM, appendix B, with its 6 FLOPs per weight and token):
+- decoder layers: 6 * N_layers at every sequence position (padding and image slots cost the same);
+- LM head: 6 * V * d at labelled positions only, since logits are computed only there;
+- attention scores and weighted sums: 12 * L * d per query-key pair. Dense attention pairs every
+  position with the whole row (T^2 per row of length T); an attention backend that computes each
+  packed document on its own (flash-attn's varlen path) does sum(l^2) over the row's documents;
+  `attention_pairs` counts either from the segment ids;
 - vision: per image, the tower's forward (2 FLOPs per multiply-add over its weights and attention),
   plus the backward (2x forward) of the trainable blocks and the connector only.
+The training logs (`metrics.jsonl`) and `kosmos bench train` both take their MFU from it.
 """
 
 from __future__ import annotations
@@ -39,11 +44,39 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def language_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def training_flops(
+    cfg: ModelConfig,
+    positions: float,
+    labelled: float,
+    images: float,
+    attention_pairs: float,
+) -> dict[str, float]:
+    """FLOPs of training on `positions` sequence positions of which `labelled` are learned, holding
+    `images` images, with `attention_pairs` query-key pairs (summed `attention_pairs` of the rows);
+    {"language": ..., "vision": ...}."""
     t = cfg.text
     per_layer = 4 * t.width * t.width + 2 * t.width * t.ffn_width  # attention + FFN weights
-    n = t.layers * per_layer + t.vocab_size * t.width
-    return 6.0 * n + 12.0 * t.layers * t.width * seq_len
+    language = (
+        6.0 * t.layers * per_layer * positions
+        + 6.0 * t.vocab_size * t.width * labelled
+        + 12.0 * t.layers * t.width * attention_pairs
+    )
+    return {"language": language, "vision": images * vision_flops_per_image(cfg)}
+
+
+def attention_pairs(segment_ids: torch.Tensor, per_document: bool = False) -> torch.Tensor:
+    """Query-key pairs of attention in each row ([rows], float64): the row length squared where
+    attention spans whole rows, or with `per_document` (a backend that computes each packed document
+    on its own, skipping padding) the sum of the squared lengths of the row's documents, the runs of
+    `segment_ids` above 0."""
+    rows, length = segment_ids.shape
+    if not per_document:
+        return torch.full((rows,), float(length * length), dtype=torch.float64, device=segment_ids.device)
+    segments = segment_ids.long()
+    width = int(segments.max()) + 1 if segments.numel() else 1
+    flat = (segments + width * torch.arange(rows, device=segments.device)[:, None])[segments > 0]
+    lengths = torch.bincount(flat, minlength=rows * width).view(rows, width).double()
+    return (lengths * lengths).sum(1)
 
 
 def vision_flops_per_image(cfg: ModelConfig) -> float:

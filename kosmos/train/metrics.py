@@ -14,11 +14,11 @@ steps (skipped non-finite steps left out), over all ranks:
   dropped_images                 {reason: count} of images left out of kept interleaved documents
   skipped_nonfinite_steps        steps whose loss or gradient was not finite, since the start
 
-MFU = (sequence positions x `language_flops_per_token(cfg, seq_len)` + images x
-`vision_flops_per_image(cfg)`) per second / (ranks x peak FLOP/s of one device). Every position is
-counted (padding and image slots cost the same compute); the formulas are in `kosmos.model.flops`.
-`flops_utilisation` computes it, the language and vision terms apart (`kosmos bench train` reports
-both).
+MFU = FLOPs performed per second / (ranks x peak FLOP/s of one device), the FLOPs counted by
+`kosmos.model.flops.training_flops` from the interval's positions, labelled positions, images and
+attention pairs (the LM head only where labels are learned; attention per document on the flash-attn
+path, else over whole rows). `flops_utilisation` divides them, the language and vision terms apart
+(`kosmos bench train` reports both).
 """
 
 from __future__ import annotations
@@ -57,18 +57,10 @@ def peak_flops(cfg: LoggingConfig, device: torch.device, bf16: bool) -> float | 
     return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def flops_utilisation(
-    positions: float, images: float, seconds: float, language_flops: float, vision_flops: float, peak: float
-) -> dict[str, float]:
-    """MFU of `seconds` of training, {"language": ..., "vision": ...}; the logged `mfu` is their sum.
-
-    `language_flops` per sequence position, `vision_flops` per image, `peak` the FLOP/s of all the
-    devices together.
-    """
-    return {
-        "language": positions * language_flops / seconds / peak,
-        "vision": images * vision_flops / seconds / peak,
-    }
+def flops_utilisation(flops: dict[str, float], seconds: float, peak: float) -> dict[str, float]:
+    """MFU of `seconds` of training that performed `flops` (`training_flops`), {"language": ...,
+    "vision": ...}; the logged `mfu` is their sum. `peak` is the FLOP/s of all the devices together."""
+    return {part: value / seconds / peak for part, value in flops.items()}
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from kosmos import config as config_io
 from kosmos.checkpoint import load_weights, read_latest
-from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
+from kosmos.model import KosmosModel, attention_pairs, training_flops
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
 from kosmos.train.checkpoint import CheckpointManager
 from kosmos.train.config import TrainConfig, check_inputs
@@ -37,7 +37,7 @@ from kosmos.train.state import TrainState, rng_state, seed_everything, set_rng_s
 T = TypeVar("T")
 
 # Per-corpus sums kept over a logging interval (one row per corpus), all-reduced when logged.
-LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES = range(5)
+LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES, ATTENTION_PAIRS = SUMS = range(6)
 
 
 class Trainer:
@@ -84,8 +84,9 @@ class Trainer:
             seed_everything(cfg.train.seed + env.rank)  # each rank its own dropout masks
 
         self.peak_flops = peak_flops(cfg.logging, env.device, self.bf16)
-        self.language_flops = language_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.vision_flops = vision_flops_per_image(cfg.model)
+        # flash-attn computes each packed document on its own: MFU counts the attention it does.
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.per_document_attention = self.model.attention_backend(env.device, dtype) == "flash"
         self.stop = StopRequest()
         self.metrics = MetricsLogger(
             run_dir,
@@ -133,7 +134,8 @@ class Trainer:
     def _train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """Forward and backward over this rank's micro-batches, then the optimizer step.
 
-        Returns this step's per-corpus sums (LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES).
+        Returns this step's per-corpus sums (SUMS: LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES,
+        ATTENTION_PAIRS).
         """
         device = self.env.device
         labelled = torch.tensor(
@@ -143,7 +145,7 @@ class Trainer:
         # DeepSpeed averages gradients over ranks; scaling by the world size makes the result the
         # gradient of the mean loss over every labelled token of the step.
         scale = self.env.world_size / max(1, int(labelled.item()))
-        sums = torch.zeros(len(self.sources), 5, dtype=torch.float64, device=device)
+        sums = torch.zeros(len(self.sources), len(SUMS), dtype=torch.float64, device=device)
         for mb in micro_batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in mb.items() if k != "source"}
             output = self.engine(**batch)
@@ -160,11 +162,12 @@ class Trainer:
                 (batch["segment_ids"] > 0).sum(1).double(),
                 torch.full_like(token_loss[:, 0], token_loss.shape[1], dtype=torch.float64),
                 batch["image_mask"].sum(1).double() / self.cfg.model.connector.num_queries,
+                attention_pairs(batch["segment_ids"], self.per_document_attention),
             ],
             dim=1,
         )
         which = torch.tensor([self.sources.index(s) for s in sources], device=rows.device)
-        return torch.zeros(len(self.sources), 5, dtype=torch.float64, device=rows.device).index_add_(
+        return torch.zeros(len(self.sources), len(SUMS), dtype=torch.float64, device=rows.device).index_add_(
             0, which, rows
         )
 
@@ -199,14 +202,14 @@ class Trainer:
     def _mfu(self, total: torch.Tensor, seconds: float) -> float | None:
         if self.peak_flops is None or not seconds:
             return None
-        parts = flops_utilisation(
-            float(total[POSITIONS]),
-            float(total[IMAGES]),
-            seconds,
-            self.language_flops,
-            self.vision_flops,
-            self.env.world_size * self.peak_flops,
+        flops = training_flops(
+            self.cfg.model,
+            positions=float(total[POSITIONS]),
+            labelled=float(total[LABELLED]),
+            images=float(total[IMAGES]),
+            attention_pairs=float(total[ATTENTION_PAIRS]),
         )
+        parts = flops_utilisation(flops, seconds, self.env.world_size * self.peak_flops)
         return parts["language"] + parts["vision"]
 
     def _print(self, text: str) -> None:
@@ -217,7 +220,7 @@ class Trainer:
 
     def run(self) -> int:
         cfg, state = self.cfg, self.state
-        interval = torch.zeros(len(self.sources), 5, dtype=torch.float64, device=self.env.device)
+        interval = torch.zeros(len(self.sources), len(SUMS), dtype=torch.float64, device=self.env.device)
         seconds = 0.0
         data = iter(self.loader)
         while state.step < cfg.train.max_steps:

@@ -16,9 +16,11 @@ from typing import Any
 from kosmos.eval.metrics.bootstrap import bootstrap_ci
 from kosmos.eval.metrics.captions import CAPTION_METRICS, caption_scores, java_available
 from kosmos.eval.metrics.scienceqa import scienceqa_breakdown
-from kosmos.eval.metrics.vqa import map_unanswerable, normalize_prediction, vqa_accuracy
+from kosmos.eval.metrics.vqa import normalize_answer, vizwiz_accuracy, vqa_accuracy
 
-METRICS = (*CAPTION_METRICS, "vqa_accuracy", "accuracy", "scienceqa_accuracy")
+METRICS = (*CAPTION_METRICS, "vqa_accuracy", "vizwiz_accuracy", "accuracy", "scienceqa_accuracy")
+# Answer scorers of the VQA-style metrics, by name.
+VQA_RULES = {"vqa_accuracy": vqa_accuracy, "vizwiz_accuracy": vizwiz_accuracy}
 
 
 @dataclass
@@ -35,9 +37,9 @@ def choice_index(prediction: Any, choices: Sequence[str]) -> int:
     """The option a prediction picks: an index as is, free text by normalised exact match (-1: none)."""
     if isinstance(prediction, int):
         return prediction
-    wanted = normalize_prediction(str(prediction))
+    wanted = normalize_answer(str(prediction).strip())
     for i, choice in enumerate(choices):
-        if normalize_prediction(choice) == wanted:
+        if normalize_answer(choice.strip()) == wanted:
             return i
     return -1
 
@@ -46,22 +48,15 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _vqa(records: Sequence[dict], unanswerable_aliases: Sequence[str]) -> MetricResult:
+def _vqa(name: str, records: Sequence[dict]) -> MetricResult:
     scores, by_type = [], defaultdict(list)
     for r in records:
-        prediction = (
-            map_unanswerable(r["prediction"], unanswerable_aliases)
-            if unanswerable_aliases
-            else r["prediction"]
-        )
-        score = 100.0 * vqa_accuracy(prediction, r["references"])
+        score = 100.0 * VQA_RULES[name](r["prediction"], r["references"])
         scores.append(score)
         answer_type = r.get("meta", {}).get("answer_type")
         if answer_type:
             by_type[answer_type].append(score)
-    return MetricResult(
-        "vqa_accuracy", _mean(scores), scores, {t: _mean(s) for t, s in sorted(by_type.items())}
-    )
+    return MetricResult(name, _mean(scores), scores, {t: _mean(s) for t, s in sorted(by_type.items())})
 
 
 def _correct(records: Sequence[dict]) -> list[bool]:
@@ -80,7 +75,7 @@ def baseline_scores(records: Sequence[dict]) -> dict[str, float]:
 
 
 def compute_metrics(
-    names: Sequence[str], records: Sequence[dict], unanswerable_aliases: Sequence[str] = ()
+    names: Sequence[str], records: Sequence[dict]
 ) -> tuple[list[MetricResult], dict[str, str]]:
     """Results for the metrics in `names` (in that order) and, by name, those that could not run and why."""
     unknown = [n for n in names if n not in METRICS]
@@ -100,9 +95,9 @@ def compute_metrics(
         )
         unavailable.update(scores.unavailable)
         note = (
-            "captions tokenised by the pure-Python PTB stand-in (no java)"
+            "captions tokenised by the pure-Python stand-in for PTBTokenizer (no java)"
             if scores.tokenizer == "python"
-            else None
+            else "captions tokenised by PTBTokenizer (java), as pycocoevalcap does"
         )
         for name in caption_names:
             if name == "bleu" and "bleu_4" in scores.values:
@@ -111,8 +106,8 @@ def compute_metrics(
             elif name in scores.values:
                 results.append(MetricResult(name, scores.values[name], scores.per_sample.get(name), {}, note))
     for name in names:
-        if name == "vqa_accuracy":
-            results.append(_vqa(records, unanswerable_aliases))
+        if name in VQA_RULES:
+            results.append(_vqa(name, records))
         elif name == "accuracy":
             correct = [100.0 * c for c in _correct(records)]
             results.append(MetricResult("accuracy", _mean(correct), correct))
@@ -139,5 +134,6 @@ __all__ = [
     "compute_metrics",
     "java_available",
     "scienceqa_breakdown",
+    "vizwiz_accuracy",
     "vqa_accuracy",
 ]

@@ -131,41 +131,77 @@ _ABBREVIATIONS = {
     "nov.",
     "dec.",
 }
+# Abbreviations only before a number ("no. 5"); elsewhere their period ends the sentence ("the no.").
+_NUMBER_ABBREVIATIONS = {"no."}
+# Words PTB splits in its own way, and words it keeps whole although they start or end with "'".
+_SPECIAL = {"'tis": ["'t", "is"], "'twas": ["'t", "was"], "y'all": ["y'", "all"]}
+_WHOLE = re.compile(r"^('\d\ds|'n'?|'em|ol')$")
+_FEET_INCHES = re.compile(r"^(\d+)'(\d+)(\"?)$")  # 5'10" and 5'10
+_EMOTICON = re.compile(r"^[:;]-?[()]$")
 _LEADING = re.compile(r"^([\"'`$#(\[{])")
-_TRAILING = re.compile(r"(\.\.\.|[!?]+|[\"'`%*)\]},;:/])$")
-_CONTRACTION = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
+_TRAILING = re.compile(r"([!?]+|[\"'`%*)\]},;:/#])$")
+_CONTRACTION = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m|'n)$")
+# Inside a chunk: an ellipsis (two periods or more), a dash ("--"), a hashtag and "'n'" between words
+# split it.
+_INNER_SPLIT = re.compile(r"(\.{2,}|-{2,}|(?<=[a-z])'n'(?=[a-z]))|(?<=.)(?=#[a-z])")
 
 
-def _split_token(token: str) -> list[str]:
-    """One whitespace-separated, lower-cased chunk into PTB tokens."""
+def _kept(token: str) -> bool:
+    """A token that keeps its leading and trailing marks."""
+    return token in _SPECIAL or bool(_WHOLE.match(token))
+
+
+def _keeps_its_start(token: str) -> bool:
+    """A token whose leading mark stays, once its final punctuation is gone ("'80s.", "#tag!")."""
+    word = token.rstrip(".!?,;:")
+    return _kept(word) or (word[:1] == "#" and word[1:2].isalpha())
+
+
+def _split_token(token: str, following: str = "") -> list[str]:
+    """One lower-cased piece of a chunk into PTB tokens; `following` is the next piece of the caption."""
+    if _EMOTICON.match(token):
+        return [token.replace("(", "-lrb-").replace(")", "-rrb-")]
+    if re.fullmatch(r"\.{2,}", token):
+        return ["..."]
     head: list[str] = []
     tail: list[str] = []
-    while token:
+    while token and not _keeps_its_start(token) and not _FEET_INCHES.match(token):
         match = _LEADING.match(token)
         if match is None:
             break
         head.append(match.group(1))
         token = token[len(match.group(1)) :]
-    while token:
+    while token and not _kept(token) and not _FEET_INCHES.match(token):
         match = _TRAILING.search(token)
         if match is not None:
             tail.insert(0, match.group(1))
             token = token[: match.start()]
             continue
         # A final period is its own token unless the word is an abbreviation ("mr.", "u.s.", "p.m.").
-        if token.endswith(".") and len(token) > 1 and token not in _ABBREVIATIONS and "." not in token[:-1]:
+        abbreviation = token in _ABBREVIATIONS and (
+            token not in _NUMBER_ABBREVIATIONS or following[:1].isdigit()
+        )
+        if token.endswith(".") and len(token) > 1 and not abbreviation and "." not in token[:-1]:
             tail.insert(0, ".")
             token = token[:-1]
             continue
         break
     middle: list[str] = []
-    if token in _SPLIT_WORDS:
+    feet_inches = _FEET_INCHES.match(token)
+    if feet_inches:
+        feet, inches, quote = feet_inches.groups()
+        middle = [feet, "'", inches, "''"] if quote else [feet, f"'{inches}"]
+    elif token in _SPECIAL:
+        middle = list(_SPECIAL[token])
+    elif _keeps_its_start(token):
+        middle = [token]
+    elif token in _SPLIT_WORDS:
         middle = _SPLIT_WORDS[token].split()
     elif re.fullmatch(r"-{2,}", token):
         middle = ["--"]
     else:
-        # Peel contractions off the end ("shouldn't've" -> "should n't 've").
-        while (match := _CONTRACTION.match(token)) and re.search(r"[a-z]", match.group(1)):
+        # Peel contractions off the end ("shouldn't've" -> "should n't 've", "1990's" -> "1990 's").
+        while (match := _CONTRACTION.match(token)) and re.search(r"[a-z0-9]", match.group(1)):
             middle.insert(0, match.group(2))
             token = match.group(1)
         if token:
@@ -177,13 +213,21 @@ def python_ptb_tokenize(caption: str) -> str:
     """A pure-Python stand-in for pycocoevalcap's PTB tokenisation of one caption.
 
     Lower-cases, splits punctuation, brackets (written -lrb- and so on, which pycocoevalcap keeps),
-    contractions ("don't" -> "do n't", "cat's" -> "cat 's") and a few fused words ("cannot"), keeps
-    numbers ("1,000", "2.50"), hyphenated words and abbreviations whole, then drops punctuation tokens.
-    It equals the Java tokenizer on ordinary captions; rare constructions may differ.
+    contractions ("don't" -> "do n't", "1990's" -> "1990 's") and a few fused words ("cannot"), keeps
+    numbers ("1,000", "2.50"), hyphenated words, abbreviations, decades ("'80s"), hashtags and
+    "rock 'n' roll" whole, then drops punctuation tokens. It equals the Java tokenizer on the captions
+    of `tests/test_eval_metrics.py` (their expected tokens come from the Java tokenizer); constructions
+    outside those may differ, which is why a result scored with it says so.
     """
+    pieces = [
+        piece
+        for chunk in caption.replace("\n", " ").lower().split()
+        for piece in _INNER_SPLIT.split(chunk)
+        if piece
+    ]
     tokens = []
-    for chunk in caption.replace("\n", " ").lower().split():
-        tokens.extend(_split_token(chunk))
+    for n, piece in enumerate(pieces):
+        tokens.extend(_split_token(piece, pieces[n + 1] if n + 1 < len(pieces) else ""))
     return " ".join(t for t in tokens if t not in PTB_PUNCTUATION)
 
 

@@ -1,13 +1,19 @@
-"""The official VQA accuracy (VQAv2 / VizWiz): answer normalisation and the 10-way leave-one-out score.
+"""The official VQA accuracy of VQAv2 and of VizWiz: answer processing and the 10-way leave-one-out score.
 
-Follows the VQA challenge's evaluation script rule for rule, including its quirks, so numbers are
-comparable with published ones:
-- the prediction is always normalised (punctuation, then number words, articles and contractions);
-- the human answers only get the punctuation step, and only when they disagree with each other;
-- a prediction scores min(1, matches / 3) against each subset of nine of the ten human answers, and
-  the ten subset scores are averaged.
-The leave-one-out subsets are taken by position, which equals the official script on VQAv2 (whose
-answers carry unique ids) and is the intended behaviour on VizWiz (whose answers have no ids).
+VQAv2 follows the current revision of the challenge's `vqaEval.py` (GT-Vision-Lab/VQA, March 2021,
+"Fixed processing answers bug"), applied as the evaluation server applies it. The evaluation page
+says the machine answers are processed before they are evaluated (lower case, periods, number words
+to digits, articles, contractions, punctuation), so the prediction first gets that processing (the
+script's own punctuation and digit/article steps). The script then processes both sides or neither:
+when the ten human answers disagree, the prediction and every human answer get the punctuation and
+digit/article steps; when they all agree, they are compared with the prediction as they are.
+
+VizWiz follows the VizWiz challenge's own script: the prediction is always processed, the human
+answers never are, and nothing else is remapped (a prediction such as "i don't know" does not count
+as "unanswerable"; legacy "unsuitable" human answers stay as they are).
+
+Both score a prediction as min(1, matches / 3) against each subset of nine of the ten human answers,
+leaving out one answer by position, and average the ten subset scores.
 """
 
 from __future__ import annotations
@@ -180,9 +186,6 @@ PUNCTUATION = [
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 
-# Older VizWiz releases labelled unanswerable questions with these before settling on "unanswerable".
-VIZWIZ_UNANSWERABLE_LABELS = ("unsuitable", "unsuitable image")
-
 
 def normalize_punctuation(text: str) -> str:
     """Drop a punctuation mark next to a space (or anywhere, in text with a digit grouping comma),
@@ -204,34 +207,36 @@ def normalize_words(text: str) -> str:
     return " ".join(words)
 
 
-def normalize_prediction(answer: str) -> str:
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize_answer(answer: str) -> str:
+    """The official answer processing: punctuation, then number words, articles and contractions."""
     return normalize_words(normalize_punctuation(answer))
 
 
-def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-    """Accuracy in [0, 1] of one predicted answer against the (usually ten) human answers."""
-    if not human_answers:
-        raise ValueError("a VQA question needs at least one human answer")
-    answer = normalize_prediction(prediction)
-    humans = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
-    if len(set(humans)) > 1:
-        humans = [normalize_punctuation(a) for a in humans]
+def _leave_one_out(answer: str, humans: Sequence[str]) -> float:
     matches = [h == answer for h in humans]
     total = sum(matches)
     # Leaving out answer i removes its own match (if any) from the count.
-    scores = [min(1.0, (total - matched) / 3.0) for matched in matches]
-    return sum(scores) / len(scores)
+    return sum(min(1.0, (total - matched) / 3.0) for matched in matches) / len(matches)
 
 
-def vizwiz_answers(human_answers: Sequence[str]) -> list[str]:
-    """VizWiz human answers with the legacy unanswerable labels mapped to "unanswerable"."""
-    return ["unanswerable" if a.strip().lower() in VIZWIZ_UNANSWERABLE_LABELS else a for a in human_answers]
+def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """VQAv2 accuracy in [0, 1] of one predicted answer against the (usually ten) human answers."""
+    if not human_answers:
+        raise ValueError("a VQA question needs at least one human answer")
+    answer = normalize_answer(_clean(prediction))  # as the server processes machine answers
+    humans = [_clean(a) for a in human_answers]
+    if len(set(humans)) > 1:
+        humans = [normalize_answer(a) for a in humans]
+        answer = normalize_answer(answer)
+    return _leave_one_out(answer, humans)
 
 
-def map_unanswerable(prediction: str, aliases: Sequence[str]) -> str:
-    """A prediction that (once normalised) is one of `aliases` becomes "unanswerable"."""
-    normalized = normalize_prediction(prediction)
-    if normalized in {normalize_prediction(a) for a in aliases}:
-        return "unanswerable"
-    return prediction
+def vizwiz_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """VizWiz accuracy in [0, 1]: the processed prediction against the human answers as they are."""
+    if not human_answers:
+        raise ValueError("a VizWiz question needs at least one human answer")
+    return _leave_one_out(normalize_answer(_clean(prediction)), list(human_answers))
