@@ -125,7 +125,7 @@ def _inspect(args: argparse.Namespace) -> int:
     encodings = []
     for text in args.text or EXAMPLES:
         ids = tokenizer.encode(text)
-        pieces = [tokenizer.sp.id_to_piece(i - 1) if 4 <= i <= tokenizer.num_pieces else "<unk>" for i in ids]
+        pieces = [tokenizer.piece(i) for i in ids]
         encodings.append({"text": text, "ids": ids, "pieces": pieces, "decoded": tokenizer.decode(ids)})
     report = {
         "model": str(args.model),
