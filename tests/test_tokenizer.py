@@ -22,6 +22,15 @@ def test_fairseq_layout(tokenizer):
     assert tokenizer.encode("\u4e00\u4e01") and UNK in tokenizer.encode("\u4e00\u4e01")
 
 
+def test_pieces_of_ordinary_and_special_ids(tokenizer):
+    ids = tokenizer.encode("Lists are mutable")
+    assert "".join(tokenizer.piece(i) for i in ids).replace("\u2581", " ").strip() == "Lists are mutable"
+    assert [tokenizer.piece(i) for i in (BOS, PAD, EOS, UNK)] == ["<s>", "<pad>", "</s>", "<unk>"]
+    assert tokenizer.piece(tokenizer.boi_id) == "<image>"
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        tokenizer.piece(tokenizer.vocab_size)
+
+
 def test_literal_image_tag_stays_text(tokenizer):
     ids = tokenizer.encode("see <image> and </image> here")
     assert not set(ids) & set(tokenizer.special_ids.values())

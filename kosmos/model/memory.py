@@ -41,15 +41,6 @@ STAT_BYTES = 8  # a LayerNorm's fp32 mean and inverse standard deviation, per no
 INDEX_BYTES = 8  # int64 token ids and positions
 
 
-def attention_kernel(device: str, flash_attn: bool, attention_dropout: float) -> Attention:
-    """The kernel the model's attention runs on: flash-attn on a GPU where it is installed (and the
-    model is in half precision); PyTorch's fused SDPA otherwise, except on a CPU with attention
-    dropout, which only its unfused math kernel implements there."""
-    if device == "cuda":
-        return "flash" if flash_attn else "sdpa"
-    return "math" if attention_dropout > 0 else "sdpa"
-
-
 def decoder_layer_bytes(
     cfg: ModelConfig, rows: int, seq_len: int, dtype_bytes: int, attention: Attention, mask_bytes: int
 ) -> int:

@@ -122,6 +122,16 @@ class Tokenizer:
         pieces = [i - 1 for i in ids if 4 <= i <= self.num_pieces]
         return self.sp.decode(pieces)
 
+    def piece(self, token_id: int) -> str:
+        """The SentencePiece piece an ordinary id stands for, or the name of a special one."""
+        if 4 <= token_id <= self.num_pieces:
+            return self.sp.id_to_piece(token_id - 1)
+        names = {BOS: "<s>", PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}
+        names |= {i: name for name, i in self.special_ids.items()}
+        if token_id not in names:
+            raise TokenizerError(f"id {token_id} is outside the vocabulary of {self.vocab_size}")
+        return names[token_id]
+
     def image_slot_ids(self, num_image_tokens: int) -> list[int]:
         return list(range(FIRST_IMAGE_SLOT_ID, FIRST_IMAGE_SLOT_ID + num_image_tokens))
 

@@ -64,8 +64,9 @@ def _train(args: argparse.Namespace) -> int:
     from kosmos.tokenizer import TokenizerError
     from kosmos.tokenizer.training import sample_sentences, train_sentencepiece
 
-    if args.vocab_size < 1 or args.max_sentences < 1 or (args.max_documents or 1) < 1:
-        raise ConfigError("--vocab-size, --max-sentences and --max-documents must be at least 1")
+    for name in ("vocab_size", "max_sentences", "max_documents", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
     if not 0 < args.character_coverage <= 1:
         raise ConfigError("--character-coverage: must be in (0, 1]")
     out = Path(args.out)
@@ -124,7 +125,7 @@ def _inspect(args: argparse.Namespace) -> int:
     encodings = []
     for text in args.text or EXAMPLES:
         ids = tokenizer.encode(text)
-        pieces = [tokenizer.sp.id_to_piece(i - 1) if 4 <= i <= tokenizer.num_pieces else "<unk>" for i in ids]
+        pieces = [tokenizer.piece(i) for i in ids]
         encodings.append({"text": text, "ids": ids, "pieces": pieces, "decoded": tokenizer.decode(ids)})
     report = {
         "model": str(args.model),

@@ -121,10 +121,9 @@ def train_sentencepiece(
     """Train on the given sentences (all of them, in order) and write the model to `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = out.with_name(f".{out.name}.partial")
-    writer = model.open("wb")
+    partial = out.with_name(f".{out.name}.partial")
     try:
-        with writer:
+        with partial.open("wb") as writer:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sentences),
                 model_writer=writer,
@@ -137,10 +136,10 @@ def train_sentencepiece(
                 minloglevel=2,
                 **SENTENCEPIECE_LAYOUT,
             )
-        model.rename(out)
     except RuntimeError as error:
-        model.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise TokenizerError(f"SentencePiece could not train a {vocab_size}-piece model: {error}") from None
+    partial.rename(out)
     return Tokenizer(out)
 
 

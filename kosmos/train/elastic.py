@@ -121,8 +121,11 @@ class Resize:
     checkpoint: Path
     saved_world_size: int
     world_size: int
-    universal: Path | None = None
     conversion_seconds: float | None = None  # None: the universal form was already there
+
+    @property
+    def universal(self) -> Path:
+        return universal_path(self.checkpoint)
 
     @classmethod
     def find(cls, checkpoint: Path, world_size: int) -> Resize | None:
@@ -131,7 +134,6 @@ class Resize:
 
     def prepare(self, is_main: bool) -> None:
         """Rank 0 converts the checkpoint (unless cached) while the others wait."""
-        self.universal = universal_path(self.checkpoint)
         # A large conversion outlasts DeepSpeed's collective timeout (10 minutes unless DEEPSPEED_TIMEOUT
         # says otherwise): the others wait in a group of their own with a longer one.
         waiting = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)

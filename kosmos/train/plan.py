@@ -58,18 +58,18 @@ class Cluster:
 # Validation
 
 
-def probe_corpora(cfg: TrainConfig, tokenizer, documents: int) -> dict[str, dict]:
-    """Read the first `documents` usable documents of every corpus with the loader's code."""
+def probe_corpora(cfg: TrainConfig, indexes: dict, tokenizer, documents: int) -> dict[str, dict]:
+    """Read the first `documents` usable documents of every corpus (`indexes` by name) with the
+    loader's code."""
     from kosmos.data import DataError
     from kosmos.data.decode import image_transform
-    from kosmos.data.shards import read_index
     from kosmos.data.stream import CorpusStream
 
     model = cfg.model
     transform = image_transform(model.vision.image_size)
     probes = {}
     for i, corpus in enumerate(cfg.data.corpora):
-        index = read_index(corpus.path)
+        index = indexes[corpus.name]
         stream = CorpusStream(
             corpus, index, tokenizer, transform, model.vision.image_size, model.connector.num_queries,
             cfg.data.seq_len, cfg.data.seed, stream=0, num_streams=1,
@@ -119,7 +119,7 @@ def validate(cfg: TrainConfig, world_size: int, documents: int) -> dict:
     return {
         "tokenizer": {"path": cfg.tokenizer, "pieces": tokenizer.num_pieces, "vocab_size": tokenizer.vocab_size},
         "vision_weights": {"path": vision.weights, "tensors": tensors},
-        "corpora": probe_corpora(cfg, tokenizer, documents),
+        "corpora": probe_corpora(cfg, indexes, tokenizer, documents),
         "rows_per_rank": rows,
     }
 
@@ -136,9 +136,9 @@ def parameter_layout(cfg: ModelConfig) -> dict[str, int]:
 
     with torch.device("meta"):
         model = KosmosModel(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, weights=None)))
-    unique = {id(p): p for p in model.parameters()}.values()  # the tied embedding once
-    total = sum(p.numel() for p in unique)
-    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    # `parameters()` yields the tied embedding once.
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return {"total": total, "trainable": trainable, "frozen": total - trainable, "largest_module": largest}
 
@@ -198,8 +198,9 @@ def memory_table(cfg: TrainConfig, params: dict[str, int], rows_per_rank: int, c
         states = estimate["gpu"]
         for checkpointing in (False, True):
             layers = cfg.model.text.layers if checkpointing else 0
+            # The configured micro-batch is one of the divisors (the step layout was checked).
             needs = {d: states + worst_micro_batch(cfg, d, checkpointed_layers=layers, **memory) for d in divisors}
-            total = states + worst_micro_batch(cfg, micro_batch, checkpointed_layers=layers, **memory)
+            total = needs[micro_batch]
             table.append(
                 {
                     "zero_stage": stage,
@@ -327,9 +328,6 @@ def format_plan(report: dict) -> str:
     return "\n".join(lines)
 
 
-H100_PEAK_TFLOPS = 989.0  # dense bf16, SXM: the planning default where nothing else says
-
-
 def dry_run(args) -> int:
     """`kosmos train --dry-run`: validate and print the plan (exit 0), or raise ConfigError (exit 2)."""
     import json
@@ -337,31 +335,32 @@ def dry_run(args) -> int:
     import torch
 
     from kosmos.train.config import load_train_config
-    from kosmos.train.metrics import PEAK_BF16_TFLOPS
+    from kosmos.train.metrics import PEAK_BF16_TFLOPS, peak_flops
 
-    cfg = load_train_config(args.config, args.overrides)
-    here = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", max(1, torch.cuda.device_count())))
-    memory = args.gpu_memory
-    if memory is None:
-        memory = torch.cuda.get_device_properties(0).total_memory / GB if here else 80.0
-    peak = args.peak_tflops or cfg.logging.peak_tflops
-    if peak is None and here:
-        peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in here), None)
-    attention = args.attention or ("sdpa" if cfg.model.attention == "sdpa" else "flash")
     for name in ("gpus", "gpus_per_node", "probe_documents"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
+    for name in ("gpu_memory", "peak_tflops"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be positive")
     mfu = args.mfu or [0.4, 0.55]
-    if memory <= 0 or not all(0 < value <= 1 for value in mfu):
-        raise ConfigError("--gpu-memory must be positive and --mfu in (0, 1]")
+    if not all(0 < value <= 1 for value in mfu):
+        raise ConfigError("--mfu: must be in (0, 1]")
+    cfg = load_train_config(args.config, args.overrides)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", max(1, torch.cuda.device_count())))
+    memory = args.gpu_memory
+    if memory is None:
+        memory = torch.cuda.get_device_properties(device).total_memory / GB if device.type == "cuda" else 80.0
+    # The configured or known peak of these GPUs; an H100's (dense bf16, SXM) where nothing says.
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(cfg.logging, device, bf16=True)
     cluster = Cluster(
         gpus=gpus,
         gpus_per_node=min(args.gpus_per_node, gpus),
         gpu_memory_gb=memory,
-        peak_tflops=peak or H100_PEAK_TFLOPS,
+        peak_tflops=peak / 1e12 if peak else dict(PEAK_BF16_TFLOPS)["H100"],
         mfu=mfu,
-        attention=attention,
+        attention=args.attention or ("sdpa" if cfg.model.attention == "sdpa" else "flash"),
     )
     report = plan(cfg, cluster, args.probe_documents)
     print(json.dumps(report) if args.json else format_plan(report))
