@@ -222,19 +222,20 @@ def memory_table(cfg: TrainConfig, params: dict[str, int], rows_per_rank: int, c
 
 
 def step_flops(cfg: TrainConfig, probes: dict[str, dict]) -> dict[str, float]:
-    """FLOPs of one optimizer step as the training logs count them (`kosmos.model.flops`): every
-    position, and the images a step holds at the density of the documents read."""
-    from kosmos.model import language_flops_per_token, vision_flops_per_image
+    """FLOPs of one optimizer step as the training logs count them (`kosmos.model.training_flops`), at
+    the density of images and labelled positions of the documents read; attention is counted over whole
+    rows (an upper bound for backends that attend per document)."""
+    from kosmos.model import training_flops
 
     positions = sum(corpus.tokens_per_step for corpus in cfg.data.corpora)
-    images = 0.0
+    images = labelled = 0.0
     for corpus in cfg.data.corpora:
         probe = probes[corpus.name]
         if probe["positions"]:
             images += corpus.tokens_per_step * probe["images"] / probe["positions"]
-    language = positions * language_flops_per_token(cfg.model, cfg.data.seq_len)
-    vision = images * vision_flops_per_image(cfg.model)
-    return {"images_per_step": images, "language": language, "vision": vision, "total": language + vision}
+            labelled += corpus.tokens_per_step * probe["labelled"] / probe["positions"]
+    flops = training_flops(cfg.model, positions, labelled, images, positions * cfg.data.seq_len)
+    return {"images_per_step": images, **flops, "total": flops["language"] + flops["vision"]}
 
 
 # ----------------------------------------------------------------------------------------------
