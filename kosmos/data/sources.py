@@ -52,6 +52,9 @@ class ReadOptions:
     fetch_threads: int = 4
 
 
+DEFAULT_OPTIONS = ReadOptions()
+
+
 def is_url(location: str) -> bool:
     return "://" in location
 
@@ -134,7 +137,7 @@ def _with_retries(location: str, options: ReadOptions, attempt_once):
     raise AssertionError("unreachable")
 
 
-def read_bytes(location: str, options: ReadOptions = ReadOptions()) -> bytes:
+def read_bytes(location: str, options: ReadOptions = DEFAULT_OPTIONS) -> bytes:
     """A small file (an index, a stats file) whole, with retries."""
     if is_pipe(location):
         raise ShardUnreadable("unreadable_shard", f"{redact(location)}: only shards may be pipe: commands")
