@@ -180,6 +180,20 @@ def test_dropped_connection_is_retried_and_tar_gz_is_read(bucket, tokenizer, tmp
     assert set(seen) == {("00009.tar.gz", i) for i in range(GZ_SAMPLES)} and not skipped
 
 
+def test_tar_zst_shards_are_read(bucket, tokenizer, tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    folder = tmp_path / "zst"
+    folder.mkdir()
+    plain = io.BytesIO()
+    with webdataset.TarWriter(plain, encoder=False, mtime=0) as tar:
+        for i in range(GZ_SAMPLES):
+            tar.write(img2dataset_sample(7, i))
+    (folder / "00007.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(plain.getvalue()))
+    index_shards([str(folder)], folder, "caption")
+    seen, skipped = epoch_of(data_config(str(folder)), tokenizer, world_size=1)
+    assert set(seen) == {("00007.tar.zst", i) for i in range(GZ_SAMPLES)} and not skipped
+
+
 def write_text_corpus(folder: Path, names: list[str], samples: int = 6) -> None:
     folder.mkdir(parents=True)
     for name in names:
@@ -216,6 +230,17 @@ def test_bad_shards_are_counted_and_training_goes_on(tmp_path, tokenizer):
             assert loader.epochs["text"] >= 2
         assert seen == {(name, i) for name in ("a.tar", "b.tar", "c.tar") for i in range(6)}
         assert skipped == {(name, i, why) for name, why in bad.items() for i in range(6)}
+
+
+def test_one_unreadable_shard_of_four_does_not_stop_training(tmp_path, tokenizer):
+    folder = tmp_path / "text"
+    write_text_corpus(folder, ["a.tar", "b.tar", "c.tar", "d.tar"])
+    (folder / "c.tar").write_bytes(b"not a tar file\n" * 40)
+    for rank in range(4):  # 2 ranks x 2 workers, as four streams
+        loader = loader_for(text_config(folder, world_size=4), tokenizer, rank, world_size=4)
+        for _ in itertools.islice(loader, 150):
+            pass
+        assert loader.epochs["text"] >= 10 and loader.skipped["unreadable_shard"] > 0
 
 
 def test_a_corpus_that_cannot_feed_its_share_stops_with_the_shards_and_reasons(tmp_path, tokenizer):

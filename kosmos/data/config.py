@@ -75,7 +75,7 @@ class DataConfig:
     shuffle_window: int = 512
     # Remote shards are fetched whole, ahead of need, into a local disk cache of at most `cache_mb`
     # per loader process, under `cache_dir` (default: the system's temporary folder).
-    cache_mb: int = 4096
+    cache_mb: int = 8192
     cache_dir: str | None = None
     # Transient read errors are retried this many times (with backoff); a shard read that gives no
     # data for `read_timeout_s` seconds counts as unreadable.

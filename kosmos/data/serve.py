@@ -6,6 +6,7 @@ them. Nothing here is used in training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -14,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from kosmos.data.config import DataConfig
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
@@ -125,3 +128,20 @@ def serve_s3(folder: str | Path, bucket: str = "corpora") -> Iterator[str]:
             else:
                 os.environ[key] = value
         server.stop()
+
+
+@contextlib.contextmanager
+def serve_corpora(cfg: DataConfig, how: str | None) -> Iterator[DataConfig]:
+    """`cfg` with its local corpora served from 127.0.0.1 over `how` (`http` or `s3`); None: as it is."""
+    if how is None:
+        yield cfg
+        return
+    folders = [os.path.abspath(corpus.path) for corpus in cfg.corpora]
+    root = os.path.commonpath([os.path.dirname(folder) for folder in folders])
+    with serve_http(root) if how == "http" else serve_s3(root) as served:
+        base = served[0] if how == "http" else served
+        corpora = [
+            dataclasses.replace(corpus, path=f"{base}/{os.path.relpath(folder, root)}")
+            for corpus, folder in zip(cfg.corpora, folders)
+        ]
+        yield dataclasses.replace(cfg, corpora=corpora)

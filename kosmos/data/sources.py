@@ -47,7 +47,7 @@ class ReadOptions:
     retries: int = 4
     backoff_s: float = 1.0
     timeout_s: float = 300.0
-    cache_bytes: int = 4 << 30
+    cache_bytes: int = 8 << 30
     cache_dir: str | None = None
     fetch_threads: int = 4
 

@@ -141,17 +141,11 @@ class EpochPlan:
         slot = bisect.bisect_right(self.starts, at) - 1
         return self.shards[slot], at - self.starts[slot]
 
-    def lane_shards(self, lane: int, first: int, end: int) -> list[int]:
-        """The shards (numbers in the index) holding the lane's samples [first, end)."""
-        end = min(end, self.lane_starts[lane + 1] - self.lane_starts[lane])
-        if first >= end:
-            return []
-        slots = [bisect.bisect_right(self.starts, self.lane_starts[lane] + k) - 1 for k in (first, end - 1)]
-        return [
-            self.shards[slot]
-            for slot in range(slots[0], slots[1] + 1)
-            if self.starts[slot + 1] > self.starts[slot]
-        ]
+    def lane_shards(self, lane: int, k: int, count: int) -> list[int]:
+        """The shard (number in the index) holding the lane's k-th sample and up to `count` - 1 after it."""
+        end = self.lane_starts[lane + 1]
+        slot = bisect.bisect_right(self.starts, self.lane_starts[lane] + k) - 1
+        return [self.shards[s] for s in range(slot, min(slot + count, len(self.shards))) if self.starts[s] < end]
 
     def window_range(self, w: int) -> range:
         return range(w * self.window, min(self.length, (w + 1) * self.window))
@@ -310,9 +304,8 @@ class VirtualStream:
     def _fill(self, plan: EpochPlan, w: int) -> None:
         """Read window w: each lane's next samples, in turn, so every lane reads front to back."""
         span = plan.window_range(w)
-        ahead = plan.window_range(w + 1) or span
-        for lane in range(plan.lanes):  # the shards this window and the next one read
-            for shard in plan.lane_shards(lane, span.start // plan.lanes, ahead.stop // plan.lanes + 1):
+        for lane in range(plan.lanes):  # each lane's shard and the one after it
+            for shard in plan.lane_shards(lane, span.start // plan.lanes, count=2):
                 self.opener.prefetch(self.index.shards[shard].name)
         self._buffer = {}
         for i in span:
