@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -178,6 +179,50 @@ def test_dropped_connection_is_retried_and_tar_gz_is_read(bucket, tokenizer, tmp
         index_shards([f"{url}/packed/"], tmp_path / "gz", "caption")
         seen, skipped = epoch_of(data_config(str(tmp_path / "gz")), tokenizer, world_size=1)
     assert set(seen) == {("00009.tar.gz", i) for i in range(GZ_SAMPLES)} and not skipped
+
+
+def test_a_stalled_shard_times_out_and_the_run_goes_on(bucket, tokenizer):
+    with serve_http(bucket) as (url, server):
+        server.stall.add("/laion/00003.tar")
+        cfg = data_config(f"{url}/laion", read_timeout_s=1)
+        seen, skipped = epoch_of(cfg, tokenizer, world_size=1)
+    assert {name for name, _ in seen} == {"00000.tar", "00001.tar", "00002.tar"}
+    assert skipped["unreadable_shard"] == SHARDS["00003.tar"][0]
+
+
+def test_malformed_tar_headers_are_counted(tmp_path, tokenizer):
+    folder = tmp_path / "text"
+    write_text_corpus(folder, ["a.tar", "b.tar"])
+    with tarfile.open(folder / "b.tar") as tar:
+        second = tar.getmembers()[1].offset
+    raw = bytearray((folder / "b.tar").read_bytes())
+    raw[second + 124 : second + 136] = b"not octal!!\0"  # the size field of the second sample's header
+    (folder / "b.tar").write_bytes(bytes(raw))
+    header = tarfile.TarInfo("x-0.txt").tobuf(tarfile.USTAR_FORMAT)
+    pax = bytearray(header)
+    pax[156:157] = b"x"  # a pax extended header whose records are garbage
+    pax[124:136] = b"%011o\0" % 512
+    pax[148:156] = b"        "
+    pax[148:155] = b"%06o\0" % sum(pax[:512])
+    (folder / "c.tar").write_bytes(bytes(pax) + b"99999 path=\xff\xfe" + bytes(512 - 16) + bytes(1024))
+    write_index(folder, CorpusIndex("text", [ShardInfo(n, 6) for n in ("a.tar", "b.tar", "c.tar")]))
+    loader = loader_for(text_config(folder), tokenizer)
+    seen, skipped = set(), {}
+    for _ in run_until_epoch(loader):
+        seen.update((r.shard, r.index) for r in loader.last_step_samples if r.epoch == 0)
+        skipped.update({(r.shard, r.index): why for r, why in loader.last_step_skipped if r.epoch == 0})
+    # Every counted sample arrived or was skipped with a reason; the damage is counted as such.
+    assert seen | set(skipped) == {(name, i) for name in ("a.tar", "b.tar", "c.tar") for i in range(6)}
+    assert {(name, i) for name, i in seen if name == "a.tar"} == {("a.tar", i) for i in range(6)}
+    assert skipped[("b.tar", 5)] == "truncated_shard" and skipped[("c.tar", 0)] == "unreadable_shard"
+
+
+def run_until_epoch(loader, max_steps: int = 200):
+    for step, batches in enumerate(loader):
+        yield batches
+        if min(loader.epochs.values()) >= 1:
+            return
+        assert step < max_steps
 
 
 def test_tar_zst_shards_are_read(bucket, tokenizer, tmp_path):

@@ -77,8 +77,8 @@ class DataConfig:
     # per loader process, under `cache_dir` (default: the system's temporary folder).
     cache_mb: int = 8192
     cache_dir: str | None = None
-    # Transient read errors are retried this many times (with backoff); a shard read that gives no
-    # data for `read_timeout_s` seconds counts as unreadable.
+    # Transient read errors are retried this many times (with backoff); a shard a reader has waited
+    # on (its download included) for `read_timeout_s` seconds counts as unreadable.
     read_retries: int = 4
     read_timeout_s: float = 300.0
     # webdataset `pipe:` shard names run shell commands: refused unless this is set.

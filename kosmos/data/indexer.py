@@ -57,21 +57,23 @@ def count_samples(location: str, options: sources.ReadOptions) -> tuple[int, str
     try:
         stats = json.loads(sources.read_bytes(f"{stem(location)}_stats.json", options))
         return int(stats["successes"]), "stats"
-    except (FileNotFoundError, sources.ShardUnreadable, ValueError, KeyError, TypeError):
+    except (OSError, sources.ShardUnreadable, ValueError, KeyError, TypeError):
         pass
-    if sources.is_local(location):
-        file = sources.open_local(location)
-    else:
-        import fsspec
-
-        file = fsspec.open(location, "rb").open()
     count = 0
-    with file:
-        try:
+    try:
+        if sources.is_local(location):
+            file = sources.open_local(location)
+        else:
+            import fsspec
+
+            file = fsspec.open(location, "rb").open()
+        with file:
             for _ in read_samples(file, location):
                 count += 1
-        except Exception as error:  # noqa: BLE001 - a damaged shard keeps the samples before the damage
-            sources.warn(f"{sources.redact(location)}: counted {count} samples before {error}")
+    except Exception as error:  # noqa: BLE001 - an unreadable or damaged shard keeps what was counted
+        sources.warn(
+            f"{sources.redact(location)}: counted {count} samples, then {type(error).__name__}: {error}"
+        )
     return count, "headers"
 
 

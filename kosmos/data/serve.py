@@ -21,7 +21,8 @@ from kosmos.data.config import DataConfig
 
 class RangeHandler(SimpleHTTPRequestHandler):
     """Serves a folder, honouring `Range: bytes=a-b` (remote readers fetch files in ranges). A path
-    in the server's `cut_once` gets its next response cut off half way, as a dropped connection."""
+    in the server's `cut_once` gets its next response cut off half way, as a dropped connection; one
+    in `stall` gets no answer until the server stops."""
 
     protocol_version = "HTTP/1.1"
 
@@ -29,6 +30,9 @@ class RangeHandler(SimpleHTTPRequestHandler):
         pass
 
     def send_head(self):
+        if self.path in self.server.stall:
+            self.server.stopping.wait()
+            return None
         path = self.translate_path(self.path)
         wanted = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
         if wanted is None or not os.path.isfile(path):
@@ -81,16 +85,17 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def serve_http(folder: str | Path) -> Iterator[tuple[str, ThreadingHTTPServer]]:
-    """`folder` at http://127.0.0.1:PORT (the base URL and the server, whose `cut_once` set of URL
-    paths makes the next response for each path break off half way)."""
+    """`folder` at http://127.0.0.1:PORT: the base URL and the server, whose sets of URL paths
+    `cut_once` (the next response breaks off half way) and `stall` (no answer) stage faults."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(folder)))
     server.daemon_threads = True
-    server.cut_once = set()
+    server.cut_once, server.stall, server.stopping = set(), set(), threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", server
     finally:
+        server.stopping.set()
         server.shutdown()
         server.server_close()
 

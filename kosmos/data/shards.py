@@ -236,12 +236,16 @@ def read_samples(file: BinaryIO, name: str) -> Iterator[RawSample]:
                 if len(data) != member.size:
                     raise ShardDamaged(f"{member.name} is cut short")
                 members[suffix] = data
+            if key is not None:
+                yield RawSample(key, members, problem)
+            # tarfile ends an archive quietly at a header it cannot parse; data after it is damage.
+            while rest := tar.fileobj.read(1 << 20):
+                if rest.strip(b"\0"):
+                    raise ShardDamaged(f"unreadable tar header at byte {tar.offset}")
     except ShardDamaged:
         raise
     except Exception as error:  # noqa: BLE001 - tarfile, gzip and zstandard raise many types on bad data
         raise ShardDamaged(f"{type(error).__name__}: {error}") from None
-    if key is not None:
-        yield RawSample(key, members, problem)
 
 
 class ShardReader:
