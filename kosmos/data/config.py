@@ -144,4 +144,6 @@ def _check_protocol(location: str, key: str) -> None:
     try:
         fsspec.get_filesystem_class(name)
     except (ImportError, ValueError) as error:
-        raise ConfigError(f"{key}: {sources.redact(location)}: cannot read {name}:// here ({error})") from None
+        raise ConfigError(
+            f"{key}: {sources.redact(location)}: cannot read {name}:// here ({error})"
+        ) from None

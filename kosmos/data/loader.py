@@ -129,7 +129,7 @@ class StepBuilder:
                     num_streams=num_virtual,
                     spans=cfg.shuffle_spans,
                     window=cfg.shuffle_window,
-                    opener=ShardOpener(indexes[corpus.name], self.options, self.cache),
+                    opener=ShardOpener(indexes[corpus.name], self.cache),
                     max_skip_fraction=cfg.max_skip_fraction,
                 ),
                 cfg.seq_len,

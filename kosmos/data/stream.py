@@ -110,9 +110,17 @@ class EpochPlan:
     """Epoch `epoch` of virtual stream `stream`: which sample each position of its slice holds."""
 
     def __init__(
-        self, index: CorpusIndex, seed: int, name: str, epoch: int, stream: int, num_streams: int,
-        spans: int, window: int,
-    ):  # fmt: skip
+        self,
+        index: CorpusIndex,
+        seed: int,
+        name: str,
+        epoch: int,
+        stream: int,
+        num_streams: int,
+        spans: int,
+        window: int,
+    ):
+        self.epoch = epoch
         self.shards = shuffled(len(index.shards), seed, name, epoch)
         self.starts = [0, *itertools.accumulate(index.shards[k].samples for k in self.shards)]
         first, end = stream_slice(self.starts[-1], stream, num_streams)
@@ -145,7 +153,8 @@ class EpochPlan:
         """The shard (number in the index) holding the lane's k-th sample and up to `count` - 1 after it."""
         end = self.lane_starts[lane + 1]
         slot = bisect.bisect_right(self.starts, self.lane_starts[lane] + k) - 1
-        return [self.shards[s] for s in range(slot, min(slot + count, len(self.shards))) if self.starts[s] < end]
+        slots = range(slot, min(slot + count, len(self.shards)))
+        return [self.shards[s] for s in slots if self.starts[s] < min(end, self.starts[s + 1])]
 
     def window_range(self, w: int) -> range:
         return range(w * self.window, min(self.length, (w + 1) * self.window))
@@ -160,11 +169,8 @@ class ShardOpener:
     """Opens the shards of one corpus for a sequential read: local ones in place, remote ones through
     the process's cache (made when first needed)."""
 
-    def __init__(
-        self, index: CorpusIndex, options: sources.ReadOptions, cache: Callable[[], sources.ShardCache]
-    ):
+    def __init__(self, index: CorpusIndex, cache: Callable[[], sources.ShardCache]):
         self.index = index
-        self.options = options
         self.cache = cache
 
     def open(self, name: str) -> BinaryIO:
@@ -261,9 +267,16 @@ class VirtualStream:
     """One virtual stream of a corpus: its position, its counters, and the window it is reading."""
 
     def __init__(
-        self, name: str, index: CorpusIndex, seed: int, number: int, count: int, spans: int, window: int,
+        self,
+        name: str,
+        index: CorpusIndex,
+        seed: int,
+        number: int,
+        count: int,
+        spans: int,
+        window: int,
         opener: ShardOpener,
-    ):  # fmt: skip
+    ):
         self.name, self.index, self.seed = name, index, seed
         self.number, self.count, self.spans, self.window = number, count, spans, window
         self.opener = opener
@@ -277,7 +290,7 @@ class VirtualStream:
         self._buffer: dict[int, tuple[SampleRef, RawSample | SkipSample, int]] = {}
 
     def _get_plan(self, epoch: int) -> EpochPlan:
-        if self._plan is None or self._plan.seed_parts[2] != epoch:
+        if self._plan is None or self._plan.epoch != epoch:
             self.close()
             self._plan = EpochPlan(
                 self.index, self.seed, self.name, epoch, self.number, self.count, self.spans, self.window
@@ -313,12 +326,12 @@ class VirtualStream:
             shard, index = plan.locate(lane, k)
             raw, extra = self._lanes[lane].read(shard, index)
             self._buffer[i] = (
-                SampleRef(self.name, plan.seed_parts[2], self.index.shards[shard].name, index),
+                SampleRef(self.name, plan.epoch, self.index.shards[shard].name, index),
                 raw,
                 extra,
             )
         self._order = plan.window_order(w)
-        self._window = (plan.seed_parts[2], w)
+        self._window = (plan.epoch, w)
 
     def state_dict(self) -> dict:
         return {
