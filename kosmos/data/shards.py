@@ -216,8 +216,11 @@ def read_samples(file: BinaryIO, name: str) -> Iterator[RawSample]:
     """The samples of a shard in file order, in one sequential pass. Raises `ShardDamaged` where the
     stream breaks off or a header is malformed (the sample being read there is lost with it)."""
     key, members, problem = None, {}, None
+    stream = decompressed(file, name)
+    # A seekable plain tar is read without tarfile's stream buffer (faster); still front to back.
+    mode = "r:" if stream is file and file.seekable() else "r|"
     try:
-        with tarfile.open(fileobj=decompressed(file, name), mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode=mode) as tar:
             for member in tar:
                 found = _is_sample_member(member)
                 if found is None:
