@@ -127,6 +127,16 @@ def same_batches(a: list, b: list) -> None:
                 assert torch.equal(x[key], y[key]), key
 
 
+def test_messages_show_no_credentials():
+    from kosmos.data import sources
+
+    assert sources.redact("https://user:secret@host:8080/laion/x.tar?X-Amz-Signature=abc") == (
+        "https://host:8080/laion/x.tar"
+    )
+    error = sources.ShardUnreadable("unreadable_shard", "GET 'https://a:b@h/x.tar?sig=1' failed: 500")
+    assert "sig=1" not in str(error) and "a:b" not in str(error) and "https://h/x.tar" in str(error)
+
+
 def test_index_reads_stats_files_or_counts_tar_headers(bucket, tmp_path):
     index = read_index(bucket / "laion")
     assert {s.name: s.samples for s in index.shards} == {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import stat
 import subprocess
@@ -36,6 +37,7 @@ class ShardUnreadable(Exception):
     """A shard whose bytes cannot be had; `reason` is the counter its samples are skipped under."""
 
     def __init__(self, reason: str, detail: str):
+        detail = scrub(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -101,8 +103,13 @@ def redact(location: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
+def scrub(text: str) -> str:
+    """`text` (an error message, say) with every URL in it redacted."""
+    return re.sub(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", lambda m: redact(m.group(0)), text)
+
+
 def warn(message: str) -> None:
-    print(f"kosmos data: {message}", file=sys.stderr, flush=True)
+    print(f"kosmos data: {scrub(message)}", file=sys.stderr, flush=True)
 
 
 # -- reading ----------------------------------------------------------------------------------------
