@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from kosmos.config import ConfigError
 from kosmos.data.config import DataConfig
 
 
@@ -104,7 +105,10 @@ def serve_http(folder: str | Path) -> Iterator[tuple[str, ThreadingHTTPServer]]:
 def serve_s3(folder: str | Path, bucket: str = "corpora") -> Iterator[str]:
     """`folder`'s files uploaded to a local moto S3 server, whose endpoint and (dummy) credentials are
     set in the environment for the duration; yields `s3://BUCKET`."""
-    from moto.server import ThreadedMotoServer
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise ConfigError("--serve s3: needs moto's server (pip install 'moto[server]')") from None
     from s3fs import S3FileSystem
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
