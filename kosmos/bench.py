@@ -93,6 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--warmup", type=non_negative_int, default=2, help="untimed steps first (worker start-up)"
     )
     data.add_argument("--json", action="store_true", help="print one JSON object")
+    data.add_argument(
+        "--serve", choices=("http", "s3"), help="read the corpora through a local HTTP or S3 server (127.0.0.1)"
+    )
     data.add_argument("overrides", nargs="*", help="config overrides, e.g. data.num_workers=0")
     data.set_defaults(handler=bench_data)
 
@@ -629,27 +632,28 @@ def bench_generate(args: argparse.Namespace) -> int:
 
 def bench_data(args: argparse.Namespace) -> int:
     from kosmos.data import build_loader
+    from kosmos.data.serve import serve_corpora
     from kosmos.tokenizer import Tokenizer
     from kosmos.train.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
     tokenizer = Tokenizer(cfg.tokenizer)
     image_size = cfg.model.vision.image_size
-    loader = build_loader(cfg.data, tokenizer, image_size, cfg.model.connector.num_queries)
-
-    steps = iter(loader)
-    for _ in range(args.warmup):
-        next(steps)
     samples: Counter[str] = Counter()
     tokens = images = 0
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        for batch in next(steps):
-            tokens += int((batch["segment_ids"] > 0).sum())
-            images += len(batch["images"])
-        samples.update(ref.corpus for ref in loader.last_step_samples)
-    loader_seconds = time.perf_counter() - start
-    del steps  # stops the loader's workers before the bare loop runs
+    with serve_corpora(cfg.data, args.serve) as data:
+        loader = build_loader(data, tokenizer, image_size, cfg.model.connector.num_queries)
+        steps = iter(loader)
+        for _ in range(args.warmup):
+            next(steps)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            for batch in next(steps):
+                tokens += int((batch["segment_ids"] > 0).sum())
+                images += len(batch["images"])
+            samples.update(ref.corpus for ref in loader.last_step_samples)
+        loader_seconds = time.perf_counter() - start
+        del steps  # stops the loader's workers before the bare loop runs
 
     start = time.perf_counter()
     bare_images = sum(
@@ -664,6 +668,7 @@ def bench_data(args: argparse.Namespace) -> int:
         "config": str(args.config),
         "machine": f"{platform.machine()} CPU, {_cpu_count()} cores",
         "num_workers": cfg.data.num_workers,
+        "source": args.serve or "local",
         "steps": args.steps,
         "samples": dict(samples),
         "loader": _rates(total, tokens, images, loader_seconds),

@@ -166,7 +166,12 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(corpora, tokenizer):
     for _ in itertools.islice(first, 7):  # odd, so the other worker's turn is next
         pass
     state = json.loads(json.dumps(first.state_dict()))
-    assert any(corpus["offset"] > 0 for worker in state["workers"] for corpus in worker.values())
+    assert any(
+        stream["offset"] > 0
+        for worker in state["workers"]
+        for corpus in worker.values()
+        for stream in corpus["streams"].values()
+    )
     resumed = loader_for(cfg, tokenizer, rank=1, world_size=2)
     resumed.load_state_dict(state)
     for (want, want_refs), got in zip(expected[7:], resumed):
@@ -179,12 +184,106 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(corpora, tokenizer):
     assert resumed.skipped == straight.skipped == {}
 
 
-def test_resume_refuses_another_worker_count(corpora, tokenizer):
-    root, _ = corpora
-    saved = loader_for(data_config([corpus(root, "text", 128)], num_workers=2), tokenizer).state_dict()
-    other = loader_for(data_config([corpus(root, "text", 128)], num_workers=0), tokenizer)
-    with pytest.raises(ConfigError, match="data.num_workers"):
-        other.load_state_dict(saved)
+@pytest.fixture(scope="module")
+def elastic_corpora(tmp_path_factory) -> tuple[Path, dict[str, list]]:
+    """Corpora of every kind with enough samples for 12 virtual streams."""
+    root = tmp_path_factory.mktemp("elastic")
+    refs = {
+        "text": write_corpus(
+            root / "text",
+            "text",
+            [[text_doc(10 * s + i) for i in range(n)] for s, n in enumerate([9, 14, 6, 11])],
+        ),
+        "caption": write_corpus(
+            root / "caption",
+            "caption",
+            [[caption_pair(30 * s + i) for i in range(n)] for s, n in enumerate([16, 9, 21])],
+        ),
+        "interleaved": write_corpus(
+            root / "interleaved",
+            "interleaved",
+            [
+                [interleaved_doc(10 * s + i, images=1 + i % 2) for i in range(n)]
+                for s, n in enumerate([8, 7, 9])
+            ],
+        ),
+    }
+    return root, refs
+
+
+def elastic_config(root: Path, num_workers: int) -> DataConfig:
+    # 768 = 64 x 12 tokens: whole rows on 1, 2, 3 and 4 ranks.
+    return data_config(
+        [corpus(root, kind, 768) for kind in ("text", "caption", "interleaved")],
+        num_workers=num_workers,
+        micro_batch_size=3,
+        virtual_streams=12,
+        shuffle_spans=2,
+        shuffle_window=4,
+    )
+
+
+def check_budgets(batches: list[dict], rows_per_step: dict[str, int]) -> None:
+    rows, tokens = Counter(), Counter()
+    for batch in batches:
+        for b, source in enumerate(batch["source"]):
+            rows[source] += 1
+            tokens[source] += int((batch["segment_ids"][b] > 0).sum())
+    assert rows == rows_per_step
+    assert all(0 < tokens[name] <= n * 64 for name, n in rows.items())
+
+
+@pytest.mark.slow  # loader worker processes
+def test_resume_on_other_ranks_and_workers_reads_each_sample_once(elastic_corpora, tokenizer):
+    root, expected = elastic_corpora
+    seen_before, states = Counter(), []
+    for rank in range(2):
+        loader = loader_for(elastic_config(root, num_workers=2), tokenizer, rank, world_size=2)
+        for _ in itertools.islice(loader, 3):
+            seen_before.update((r.corpus, r.shard, r.index) for r in loader.last_step_samples if r.epoch == 0)
+        assert loader.epochs["text"] == 0  # stopped inside the first epoch
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    for world_size, workers in ((1, 0), (3, 2), (4, 1)):
+        seen = Counter(seen_before)
+        for rank in range(world_size):
+            loader = loader_for(elastic_config(root, workers), tokenizer, rank, world_size=world_size)
+            loader.load_state_dict(states)
+            for batches in run_steps_until_epoch(loader):
+                check_budgets(batches, loader.rows_per_step)
+                seen.update((r.corpus, r.shard, r.index) for r in loader.last_step_samples if r.epoch == 0)
+        for kind, refs in expected.items():
+            assert sorted((shard, i) for (c, shard, i) in seen if c == kind) == sorted(refs), (
+                world_size,
+                kind,
+            )
+        assert set(seen.values()) == {1}, (world_size, workers)
+
+
+def test_regrouped_resume_in_process_and_its_limit(elastic_corpora, tokenizer):
+    root, expected = elastic_corpora
+    cfg = elastic_config(root, num_workers=0)
+    seen, states = Counter(), []
+    for rank in range(4):
+        loader = loader_for(cfg, tokenizer, rank, world_size=4)
+        for _ in itertools.islice(loader, 2):
+            seen.update((r.corpus, r.shard, r.index) for r in loader.last_step_samples if r.epoch == 0)
+        states.append(loader.state_dict())
+    resumed = loader_for(cfg, tokenizer)
+    resumed.load_state_dict(states)
+    assert resumed.step == 2
+    for _ in run_steps_until_epoch(resumed):
+        seen.update((r.corpus, r.shard, r.index) for r in resumed.last_step_samples if r.epoch == 0)
+    assert sorted((c, shard, i) for (c, shard, i) in seen) == sorted(
+        (kind, *ref) for kind, refs in expected.items() for ref in refs
+    )
+    assert set(seen.values()) == {1}
+
+    too_many = data_config([corpus(root, "text", 64 * 16)], micro_batch_size=1)
+    saved = loader_for(
+        data_config([corpus(root, "text", 64)], micro_batch_size=1, virtual_streams=12), tokenizer
+    )
+    with pytest.raises(ConfigError, match="data.virtual_streams: 12 virtual streams can feed at most 12"):
+        loader_for(too_many, tokenizer, world_size=16).load_state_dict([saved.state_dict()])
 
 
 def test_mixture_fills_each_step_with_its_token_budgets(corpora, tokenizer):

@@ -121,7 +121,13 @@ def recipe(tmp_path_factory) -> Path:
             {
                 "model": str(REPO / "configs/model/tiny.yaml"),
                 "tokenizer": str(sample / "tokenizer.model"),
-                "data": {"seq_len": 64, "micro_batch_size": 3, "num_workers": 0, "corpora": corpora},
+                "data": {
+                    "seq_len": 64,
+                    "micro_batch_size": 3,
+                    "num_workers": 0,
+                    "virtual_streams": 6,  # up to 6 ranks x workers on resume
+                    "corpora": corpora,
+                },
                 "train": {"max_steps": 3, "log_interval": 1, "seed": SEED},
                 "optimizer": {"lr": 2.0e-3, "warmup_steps": 1},
                 "checkpoint": {"interval": 2, "keep": 3},

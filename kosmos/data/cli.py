@@ -1,4 +1,4 @@
-"""`kosmos data sample | build | inspect`: make corpus folders and look inside them."""
+"""`kosmos data sample | build | index | inspect`: make corpus folders, index shards, look inside them."""
 
 from __future__ import annotations
 
@@ -71,6 +71,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--max-shard-mb", type=positive_int, default=1024)
         parser.set_defaults(handler=_build)
 
+    index = commands.add_parser(
+        "index",
+        help="an index for WebDataset shards where they lie (local, s3://, gs://, https://); nothing is copied",
+    )
+    index.add_argument(
+        "src", nargs="+", help="shards, folders or URL prefixes of shards, or globs (.tar, .tar.gz, .tar.zst)"
+    )
+    index.add_argument("--out", required=True, type=Path, help="folder to write index.json into")
+    index.add_argument(
+        "--kind",
+        default="caption",
+        choices=("text", "caption", "interleaved", "instruction"),
+        help="what the shards hold (default: caption, as img2dataset writes)",
+    )
+    index.set_defaults(handler=_index)
+
     inspect = commands.add_parser("inspect", help="samples, tokens, images and skips of a corpus folder")
     inspect.add_argument("folder", type=Path, help="a corpus folder, or a folder of corpus folders")
     inspect.add_argument(
@@ -116,6 +132,19 @@ def _build(args: argparse.Namespace) -> int:
         index = build.build_interleaved(args.input, args.out, images=args.images, **options)
     print(
         f"{args.out}: {index.num_samples} {args.kind} samples in {len(index.shards)} shards; skipped {index.skipped}"
+    )
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from kosmos.data import sources
+    from kosmos.data.indexer import index_shards
+
+    index, origins = index_shards(args.src, args.out, args.kind)
+    print(
+        f"{args.out / 'index.json'}: {index.num_samples} {args.kind} samples in {len(index.shards)} shards at "
+        f"{sources.redact(index.base) if index.base else args.out} (counts: {origins['stats']} from "
+        f"*_stats.json, {origins['headers']} from tar headers)"
     )
     return 0
 

@@ -14,18 +14,18 @@ data:
 
 `tokens_per_step` is the corpus's share of one optimizer step over all ranks, in sequence positions
 (image slots included): each rank packs `tokens_per_step / (seq_len * world_size)` rows of it per step.
-Corpus paths are relative to the working directory.
+A corpus path is a local folder (relative to the working directory) or an fsspec URL (`s3://...`,
+`gs://...`, `https://...`) of the folder holding its index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from kosmos.config import ConfigError
-
-INDEX_FILE = "index.json"
+from kosmos.data import sources
+from kosmos.data.shards import INDEX_FILE, index_location, read_index
 
 
 def _key(prefix: str, name: str) -> str:
@@ -63,9 +63,29 @@ class DataConfig:
     # Rows per forward/backward pass; a step's rows over all corpora must divide into micro-batches.
     micro_batch_size: int = 8
     seed: int = 0
-    # Loader processes per rank; 0 reads in the training process. Part of the resume state: a run
-    # resumes with the same number of workers (0 and 1 are interchangeable).
+    # Loader processes per rank; 0 reads in the training process.
     num_workers: int = 2
+    # Parts each corpus's epoch is split into, each with its own exact position; every loader worker
+    # of every rank serves a block of them. 0 = ranks x workers (at least 1) of the run's first launch.
+    # A resume may use any number of ranks x workers up to this.
+    virtual_streams: int = 0
+    # Each virtual stream reads this many shard spans at once, interleaved, and shuffles what it reads
+    # in windows of `shuffle_window` samples (one window is held in memory, and re-read on resume).
+    shuffle_spans: int = 8
+    shuffle_window: int = 512
+    # Remote shards are fetched whole, ahead of need, into a local disk cache of at most `cache_mb`
+    # per loader process, under `cache_dir` (default: the system's temporary folder).
+    cache_mb: int = 8192
+    cache_dir: str | None = None
+    # Transient read errors are retried this many times (with backoff); a shard a reader has waited
+    # on (its download included) for `read_timeout_s` seconds counts as unreadable.
+    read_retries: int = 4
+    read_timeout_s: float = 300.0
+    # webdataset `pipe:` shard names run shell commands: refused unless this is set.
+    allow_pipe: bool = False
+    # A corpus stops training (DataError) when a stream has skipped more than this fraction of the
+    # samples it tried (checked once it has tried at least 8 shards' worth, and 1,000).
+    max_skip_fraction: float = 0.5
 
     def validate(self, prefix: str) -> None:
         if not self.corpora:
@@ -79,19 +99,51 @@ class DataConfig:
         for key in ("seq_len", "micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_key(prefix, key)}: must be at least 1")
-        if self.num_workers < 0:
-            raise ConfigError(f"{_key(prefix, 'num_workers')}: must not be negative")
+        for key in ("num_workers", "virtual_streams", "read_retries", "cache_mb"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{_key(prefix, key)}: must not be negative")
+        for key in ("shuffle_spans", "shuffle_window"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{_key(prefix, key)}: must be at least 1")
+        if self.read_timeout_s <= 0:
+            raise ConfigError(f"{_key(prefix, 'read_timeout_s')}: must be positive")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ConfigError(f"{_key(prefix, 'max_skip_fraction')}: must lie in [0, 1]")
 
     def check_paths(self, prefix: str) -> None:
-        """Every corpus folder exists, has an index, and holds the kind the config says."""
-        from kosmos.data.shards import read_index
-
+        """Every corpus's index can be read and holds the kind the config says; its shards lie where
+        this installation can read them (`pipe:` names only with `allow_pipe`)."""
         for i, corpus in enumerate(self.corpora):
             key = f"{_key(prefix, 'corpora')}[{i}]"
-            if not (Path(corpus.path) / INDEX_FILE).is_file():
-                raise ConfigError(f"{key}.path: {corpus.path} does not exist or has no index ({INDEX_FILE})")
+            shown = sources.redact(corpus.path)
+            _check_protocol(corpus.path, f"{key}.path")
+            if not sources.exists(index_location(corpus.path)):
+                raise ConfigError(f"{key}.path: {shown} does not exist or has no index ({INDEX_FILE})")
             index = read_index(corpus.path)
             if index.kind != corpus.kind:
-                raise ConfigError(f"{key}.kind: {corpus.kind}, but {corpus.path} holds a {index.kind} corpus")
+                raise ConfigError(f"{key}.kind: {corpus.kind}, but {shown} holds a {index.kind} corpus")
             if index.num_samples == 0:
-                raise ConfigError(f"{key}.path: {corpus.path} holds no samples")
+                raise ConfigError(f"{key}.path: {shown} holds no samples")
+            locations = [index.base] + [s.name for s in index.shards if sources.is_url(s.name)]
+            pipes = [s.name for s in index.shards if sources.is_pipe(s.name)]
+            for location in {sources.protocol(loc): loc for loc in locations}.values():
+                _check_protocol(location, f"{key}.path")
+            if pipes and not self.allow_pipe:
+                raise ConfigError(
+                    f"{_key(prefix, 'allow_pipe')}: {shown} names {len(pipes)} shards as pipe: commands "
+                    f"(e.g. {sources.redact(pipes[0])}), which run shell commands; set it to true to allow"
+                )
+
+
+def _check_protocol(location: str, key: str) -> None:
+    if sources.is_local(location) or sources.is_pipe(location):
+        return
+    import fsspec
+
+    name = sources.protocol(location)
+    try:
+        fsspec.get_filesystem_class(name)
+    except (ImportError, ValueError) as error:
+        raise ConfigError(
+            f"{key}: {sources.redact(location)}: cannot read {name}:// here ({error})"
+        ) from None

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from kosmos.config import ConfigError
+from kosmos.data import sources
 from kosmos.data.config import INDEX_FILE, CorpusConfig
 from kosmos.data.decode import DECODERS
 from kosmos.data.shards import ShardReader, SkipSample, read_index
@@ -39,7 +40,10 @@ def inspect_corpus(folder: Path, tokenizer: Tokenizer | None) -> dict:
     samples = images = tokens = 0
     for shard in index.shards:
         try:
-            reader = ShardReader(folder / shard.name)
+            reader = ShardReader(sources.local_path(index.location(shard.name)))
+        except sources.ShardUnreadable as error:
+            skipped[error.reason] += shard.samples
+            continue
         except (OSError, tarfile.TarError):
             skipped["unreadable_shard"] += shard.samples
             continue

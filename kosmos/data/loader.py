@@ -1,24 +1,29 @@
 """The training data loader: for each optimizer step, the micro-batches one rank feeds.
 
-Each rank runs W = max(1, num_workers) loader workers, and worker w of rank r owns stream
-s = r * W + w (of S = world_size * W) of every corpus (see `stream.py`). A worker builds whole steps
-from its own streams: per corpus, `rows_per_step[name]` packed rows, then micro-batches of
-`micro_batch_size` rows in corpus order. Worker w builds steps w, w + W, w + 2W, ...; the torch
-DataLoader hands workers' items out round robin, so steps arrive in order, and every rank gets the
-same number of micro-batches per step.
+Each rank runs W = max(1, num_workers) loader workers: P = world_size x W physical streams, worker w
+of rank r being physical stream p = r * W + w. Each corpus's epoch is split into V virtual streams
+(`data.virtual_streams`, default P; see `stream.py`), and physical stream p serves the block
+[p*V//P, (p+1)*V//P) of them. A worker builds whole steps from its streams: per corpus,
+`rows_per_step[name]` packed rows, then micro-batches of `micro_batch_size` rows in corpus order.
+Worker w builds steps w, w + W, w + 2W, ...; the torch DataLoader hands workers' items out round
+robin, so steps arrive in order, and every rank gets the same number of micro-batches per step.
 
 The state is per worker, and is taken from the last step the trainer *received* (workers read
-ahead): for each corpus the stream's epoch and position, the tokens already packed of the document
-it left over, and the skip counters. A restored loader starts each worker there; the DataLoader's
-first worker takes the worker whose turn is next.
+ahead): for each corpus, each of its virtual streams' epoch, position and skip counters, the tokens
+already packed of the document it left over, and whose turn is next. A restored loader starts each
+worker there; the DataLoader's first worker takes the worker whose turn is next. Given every rank's
+state, a loader of another layout (ranks x workers, up to V) regroups the virtual streams' positions:
+every sample of the epoch is still read once, though batches differ from the uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import shutil
 import signal
 import sys
+import tempfile
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,19 +33,24 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kosmos.config import ConfigError
+from kosmos.data import sources
 from kosmos.data.config import DataConfig
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.packing import RowPacker, collate
 from kosmos.data.shards import CorpusIndex, read_index
-from kosmos.data.stream import CorpusStream, SampleRef
+from kosmos.data.stream import CorpusStream, SampleRef, ShardOpener, stream_block, virtual_state
 from kosmos.tokenizer import Tokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
 
 
 def rows_per_step(
-    cfg: DataConfig, indexes: dict[str, CorpusIndex], world_size: int, num_image_tokens: int
+    cfg: DataConfig,
+    indexes: dict[str, CorpusIndex],
+    world_size: int,
+    num_image_tokens: int,
+    virtual_streams: int,
 ) -> dict[str, int]:
     """Rows each rank packs per step for each corpus; checks that the step layout works out."""
     if cfg.seq_len < num_image_tokens + 4:
@@ -48,7 +58,6 @@ def rows_per_step(
             f"data.seq_len: {cfg.seq_len} cannot hold an image ({num_image_tokens} slots + markers)"
         )
     row_tokens = cfg.seq_len * world_size
-    streams = world_size * max(1, cfg.num_workers)
     rows = {}
     for i, corpus in enumerate(cfg.corpora):
         key = f"data.corpora[{i}]"
@@ -58,10 +67,11 @@ def rows_per_step(
                 f"{key}.tokens_per_step: {corpus.tokens_per_step} is not a multiple of seq_len x world size "
                 f"= {cfg.seq_len} x {world_size}; use e.g. {lower or row_tokens} or {lower + row_tokens}"
             )
-        if indexes[corpus.name].num_samples < streams:
+        if indexes[corpus.name].num_samples < virtual_streams:
             raise ConfigError(
-                f"{key}.path: {corpus.path} has {indexes[corpus.name].num_samples} samples, fewer than the "
-                f"{streams} streams reading it (world size {world_size} x {max(1, cfg.num_workers)} workers)"
+                f"{key}.path: {sources.redact(corpus.path)} has {indexes[corpus.name].num_samples} samples, "
+                f"fewer than the {virtual_streams} streams reading it (world size {world_size} x "
+                f"{max(1, cfg.num_workers)} workers, or data.virtual_streams)"
             )
         rows[corpus.name] = corpus.tokens_per_step // row_tokens
     total = sum(rows.values())
@@ -73,6 +83,16 @@ def rows_per_step(
             f"{cfg.micro_batch_size} rows do not divide; use one of {divisors}"
         )
     return rows
+
+
+def read_options(cfg: DataConfig) -> sources.ReadOptions:
+    return sources.ReadOptions(
+        allow_pipe=cfg.allow_pipe,
+        retries=cfg.read_retries,
+        timeout_s=cfg.read_timeout_s,
+        cache_bytes=cfg.cache_mb << 20,
+        cache_dir=cfg.cache_dir,
+    )
 
 
 class StepBuilder:
@@ -87,12 +107,17 @@ class StepBuilder:
         transform: Callable[[Image.Image], torch.Tensor],
         image_size: int,
         num_image_tokens: int,
-        stream: int,
-        num_streams: int,
+        physical: int,
+        num_physical: int,
+        num_virtual: int,
+        cache_root: str | None,
     ):
         self.cfg = cfg
         self.rows = rows
         self.image_size = image_size
+        self.options = read_options(cfg)
+        self.cache_root = cache_root
+        self._cache: sources.ShardCache | None = None
         self.packers = {
             corpus.name: RowPacker(
                 CorpusStream(
@@ -104,8 +129,12 @@ class StepBuilder:
                     num_image_tokens,
                     cfg.seq_len,
                     cfg.seed,
-                    stream,
-                    num_streams,
+                    streams=stream_block(physical, num_physical, num_virtual),
+                    num_streams=num_virtual,
+                    spans=cfg.shuffle_spans,
+                    window=cfg.shuffle_window,
+                    opener=ShardOpener(indexes[corpus.name], self.cache),
+                    max_skip_fraction=cfg.max_skip_fraction,
                 ),
                 cfg.seq_len,
                 splittable=corpus.kind in SPLITTABLE_KINDS,
@@ -113,18 +142,23 @@ class StepBuilder:
             for corpus in cfg.corpora
         }
 
+    def cache(self) -> sources.ShardCache:
+        if self._cache is None:
+            self._cache = sources.ShardCache(self.cache_root, self.options)
+        return self._cache
+
     def next_step(self) -> tuple[list[dict], list[SampleRef], list[tuple[SampleRef, str]]]:
         """The step's micro-batches, the documents that began in it, and the samples it skipped."""
-        rows, sources, started, skipped = [], [], [], []
+        rows, sources_, started, skipped = [], [], [], []
         for name, packer in self.packers.items():
             packed, first_read = packer.pack(self.rows[name])
             rows += packed
-            sources += [name] * len(packed)
+            sources_ += [name] * len(packed)
             started += first_read
             skipped += packer.stream.take_skips()
         size = self.cfg.micro_batch_size
         batches = [
-            collate(rows[i : i + size], sources[i : i + size], self.cfg.seq_len, self.image_size)
+            collate(rows[i : i + size], sources_[i : i + size], self.cfg.seq_len, self.image_size)
             for i in range(0, len(rows), size)
         ]
         return batches, started, skipped
@@ -135,6 +169,12 @@ class StepBuilder:
     def load_state_dict(self, state: dict) -> None:
         for name, packer in self.packers.items():
             packer.load_state_dict(state[name])
+
+    def close(self) -> None:
+        for packer in self.packers.values():
+            packer.stream.close()
+        if self._cache is not None:
+            self._cache.close()
 
 
 class _Steps(IterableDataset):
@@ -158,14 +198,19 @@ class _Steps(IterableDataset):
             loader.transform,
             loader.image_size,
             loader.num_image_tokens,
-            stream=loader.rank * loader.num_workers + worker,
-            num_streams=loader.world_size * loader.num_workers,
+            physical=loader.rank * loader.num_workers + worker,
+            num_physical=loader.world_size * loader.num_workers,
+            num_virtual=loader.virtual_streams,
+            cache_root=loader.cache_root(),
         )
         if self.states[worker] is not None:
             builder.load_state_dict(self.states[worker])
-        while True:
-            yield step, worker, *builder.next_step(), builder.state_dict()
-            step += loader.num_workers
+        try:
+            while True:
+                yield step, worker, *builder.next_step(), builder.state_dict()
+                step += loader.num_workers
+        finally:
+            builder.close()
 
 
 def _start_worker(worker_id: int) -> None:
@@ -224,9 +269,11 @@ class StepLoader:
         self.num_image_tokens = num_image_tokens
         self.rank = rank
         self.world_size = world_size
-        self.rows_per_step = rows_per_step(cfg, indexes, world_size, num_image_tokens)
-        self.micro_batches_per_step = sum(self.rows_per_step.values()) // cfg.micro_batch_size
         self.num_workers = max(1, cfg.num_workers)
+        self.virtual_streams = cfg.virtual_streams or self.physical_streams
+        self._check_streams(self.virtual_streams)
+        self.rows_per_step = rows_per_step(cfg, indexes, world_size, num_image_tokens, self.virtual_streams)
+        self.micro_batches_per_step = sum(self.rows_per_step.values()) // cfg.micro_batch_size
         self.step = 0
         self.worker_states: list[dict | None] = [None] * self.num_workers
         # The last step received: the documents that began in it, and the samples skipped while
@@ -236,8 +283,34 @@ class StepLoader:
         # Weakly: a strong reference would tie the workers' lifetime to this loader's (a reference
         # cycle through the dataset) instead of to the iteration that started them.
         self._worker_iterators: weakref.WeakSet = weakref.WeakSet()
+        self._cache_root: str | None = None
+
+    @property
+    def physical_streams(self) -> int:
+        return self.world_size * self.num_workers
+
+    def _check_streams(self, virtual: int) -> None:
+        if self.physical_streams > virtual:
+            raise ConfigError(
+                f"data.virtual_streams: {virtual} virtual streams can feed at most {virtual} physical streams "
+                f"(ranks x workers), not {self.world_size} x {self.num_workers} = {self.physical_streams}; "
+                f"use fewer ranks or workers"
+            )
+
+    def cache_root(self) -> str | None:
+        """A folder for the workers' caches of remote shards (removed with the loader); None if every
+        corpus is local."""
+        remote = any(
+            not sources.is_local(index.base) or any(not sources.is_local(s.name) for s in index.shards)
+            for index in self.indexes.values()
+        )
+        if remote and self._cache_root is None:
+            self._cache_root = tempfile.mkdtemp(prefix="kosmos-shards-", dir=self.cfg.cache_dir)
+            weakref.finalize(self, shutil.rmtree, self._cache_root, True)
+        return self._cache_root
 
     def __iter__(self) -> Iterator[list[dict]]:
+        self.cache_root()
         steps = _Steps(self)
         if self.cfg.num_workers == 0:
             items = iter(steps)
@@ -266,11 +339,18 @@ class StepLoader:
 
     # -- counters -------------------------------------------------------------------------------
 
+    def _virtual_states(self, corpus: str) -> list[dict]:
+        return [
+            stream
+            for state in filter(None, self.worker_states)
+            for stream in state[corpus]["streams"].values()
+        ]
+
     def _counters(self, field: str) -> dict[str, int]:
         total: Counter[str] = Counter()
-        for state in filter(None, self.worker_states):
-            for corpus in state.values():
-                total.update(corpus[field])
+        for corpus in self.cfg.corpora:
+            for stream in self._virtual_states(corpus.name):
+                total.update(stream[field])
         return dict(total)
 
     @property
@@ -285,19 +365,21 @@ class StepLoader:
 
     @property
     def epochs(self) -> dict[str, int]:
-        """Per corpus, the epochs every stream of this rank has finished."""
+        """Per corpus, the epochs every virtual stream of this rank has finished."""
+        started = all(state is not None for state in self.worker_states)
         return {
-            corpus.name: min((s[corpus.name]["epoch"] if s else 0) for s in self.worker_states)
+            corpus.name: min(s["epoch"] for s in self._virtual_states(corpus.name)) if started else 0
             for corpus in self.cfg.corpora
         }
 
     # -- state ----------------------------------------------------------------------------------
 
     def _layout(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers}
+
+    def _content(self) -> dict:
+        """What a state must share with this loader to be resumed at all."""
         return {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
             "seed": self.cfg.seed,
             "corpora": {
                 name: {"shards": len(index.shards), "samples": index.num_samples}
@@ -306,25 +388,84 @@ class StepLoader:
         }
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, **self._layout(), "step": self.step, "workers": self.worker_states}
+        return {
+            "version": STATE_VERSION,
+            **self._layout(),
+            "virtual_streams": self.virtual_streams,
+            **self._content(),
+            "step": self.step,
+            "workers": self.worker_states,
+        }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        saved = {key: state[key] for key in self._layout()}
-        if saved["num_workers"] != self.num_workers:
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resume from this rank's saved state, or from every rank's (a list, in rank order): on the same
+        layout exactly where this rank stopped; on another one (ranks x workers), by regrouping the
+        saved virtual streams over this layout."""
+        states = state if isinstance(state, list) else [state]
+        for saved in states:
+            if saved.get("version") != STATE_VERSION:
+                raise ConfigError(f"data: loader state version {saved.get('version')} is not {STATE_VERSION}")
+            content = {key: saved[key] for key in self._content()}
+            if content != self._content():
+                raise ConfigError(
+                    f"data: the loader state does not fit this run (saved {content}, now {self._content()}); "
+                    "resuming needs the same corpora and seed"
+                )
+        virtual = states[0]["virtual_streams"]
+        if self.cfg.virtual_streams not in (0, virtual):
             raise ConfigError(
-                f"data.num_workers: the loader state was saved with {saved['num_workers']} workers per rank "
-                f"and resumes exactly only with as many (0 and 1 count as 1)"
+                f"data.virtual_streams: the loader state has {virtual} virtual streams, not "
+                f"{self.cfg.virtual_streams} (they are fixed for a run; leave it 0 to follow the state)"
             )
-        if saved != self._layout():
-            raise ConfigError(
-                f"data: the loader state does not fit this run (saved {saved}, now {self._layout()}); "
-                "exact resume needs the same corpora, seed, rank and world size"
-            )
-        self.step = int(state["step"])
-        self.worker_states = list(state["workers"])
+        if len({s["step"] for s in states}) > 1 or len({s["virtual_streams"] for s in states}) > 1:
+            raise ConfigError("data: the loader states of the ranks disagree on step or virtual streams")
+        self._check_streams(virtual)
+        self.rows_per_step = rows_per_step(
+            self.cfg, self.indexes, self.world_size, self.num_image_tokens, virtual
+        )
+        self.virtual_streams = virtual
+        mine = [s for s in states if {k: s[k] for k in self._layout()} == self._layout()]
+        if mine:
+            self.worker_states = list(mine[0]["workers"])
+        else:
+            self.worker_states = self._regrouped(states)
+        self.step = int(states[0]["step"])
         self.last_step_samples, self.last_step_skipped = [], []
+
+    def _regrouped(self, states: list[dict]) -> list[dict]:
+        """This rank's worker states from every saved rank's, the virtual streams regrouped."""
+        saved_world = states[0]["world_size"]
+        if sorted(s["rank"] for s in states) != list(range(saved_world)):
+            raise ConfigError(
+                f"data: the loader state was saved by {saved_world} ranks x {states[0]['num_workers']} "
+                f"workers; resuming as {self.world_size} x {self.num_workers} needs the states of all "
+                f"{saved_world} ranks"
+            )
+        streams: dict[str, dict[int, dict]] = {c.name: {} for c in self.cfg.corpora}
+        for saved in states:
+            saved_workers = saved["num_workers"]
+            for w, worker in enumerate(saved["workers"]):
+                block = stream_block(
+                    saved["rank"] * saved_workers + w, saved_world * saved_workers, self.virtual_streams
+                )
+                for name, held in streams.items():
+                    for v in block:
+                        held[v] = worker[name]["streams"][str(v)] if worker is not None else virtual_state()
+        return [
+            {
+                name: {
+                    "turn": 0,
+                    "streams": {
+                        str(v): held[v]
+                        for v in stream_block(
+                            self.rank * self.num_workers + w, self.physical_streams, self.virtual_streams
+                        )
+                    },
+                }
+                for name, held in streams.items()
+            }
+            for w in range(self.num_workers)
+        ]
 
 
 def build_loader(

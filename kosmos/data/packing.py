@@ -45,7 +45,7 @@ class RowPacker:
         free = self.seq_len
         while len(rows) < num_rows:
             if self.pending is None:
-                self.pending, self.offset = self.stream.next_document(), 0
+                self.pending, self.offset = self.stream.next_document()
             document, start = self.pending, self.offset
             end = len(document) if len(document) - start <= free else self._cut(document, start, free)
             if end is not None:
@@ -74,13 +74,11 @@ class RowPacker:
         return None
 
     def state_dict(self) -> dict:
-        return {**self.stream.state_dict(unread=self.pending), "offset": self.offset if self.pending else 0}
+        return self.stream.state_dict(unread=self.pending, offset=self.offset if self.pending else 0)
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
-        self.pending, self.offset = None, int(state["offset"])
-        if self.offset:
-            self.pending = self.stream.next_document()
+        self.pending, self.offset = None, 0
 
 
 def collate(rows: list[Row], sources: list[str], seq_len: int, image_size: int) -> dict:

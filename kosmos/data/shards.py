@@ -1,29 +1,35 @@
-"""WebDataset corpus folders: uncompressed tar shards plus `index.json`, their shard names and counts.
+"""WebDataset corpora: tar shards (plain, `.tar.gz`, `.tar.zst`) and an index of their names and counts.
 
 A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of
 its base name, as webdataset groups them); the rest of the name is the member's suffix (`txt`, `jpg`,
 `0.png`). The index makes an epoch, and a position inside it, countable without reading the shards.
+Its `base` says where the shards lie (default: beside the index; any location of `sources.py`).
 
-Shards are read with random access (`ShardReader`), so a loader can visit a shard's samples in a
-shuffled order and resume at any of them. Only members whose suffix ends in a text, JSON or image
-extension are read; anything else (pickles included) is never touched.
+The loader reads shards in one sequential pass (`read_samples`). Local tools that want random access
+to an uncompressed local shard use `ShardReader`. Only members whose suffix ends in a text, JSON or
+image extension are read; anything else (pickles included) is never touched.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import BinaryIO, Self
 
 import webdataset
 from webdataset.tariterators import base_plus_ext
 
 from kosmos.config import ConfigError
-from kosmos.data.config import INDEX_FILE
+from kosmos.data import sources
 
+INDEX_FILE = "index.json"
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 READABLE_EXTENSIONS = ("txt", "json", *IMAGE_EXTENSIONS)
 # Refuse members larger than this without reading them.
@@ -51,31 +57,57 @@ class CorpusIndex:
     shards: list[ShardInfo]
     # Samples the builder left out, by reason (they are not in the shards).
     skipped: dict[str, int] = field(default_factory=dict)
+    # Where shard names are relative to: a local folder or URL; "" = the index's own folder.
+    base: str = ""
 
     @property
     def num_samples(self) -> int:
         return sum(shard.samples for shard in self.shards)
 
+    def location(self, shard: str) -> str:
+        """Where shard `shard` lies; raises `ShardUnreadable("path_outside")` for a name escaping the base."""
+        return sources.join(self.base, shard)
+
+
+def index_location(folder: str | Path) -> str:
+    return f"{str(folder).rstrip('/')}/{INDEX_FILE}"
+
 
 def read_index(folder: str | Path) -> CorpusIndex:
-    path = Path(folder) / INDEX_FILE
-    if not path.is_file():
-        raise ConfigError(f"{folder}: no corpus index ({INDEX_FILE})")
+    """The index of the corpus at `folder` (a local folder or URL), its `base` made a full location."""
+    location = index_location(folder)
     try:
-        raw = json.loads(path.read_text())
+        text = sources.read_bytes(location)
+    except FileNotFoundError:
+        raise ConfigError(f"{sources.redact(str(folder))}: no corpus index ({INDEX_FILE})") from None
+    except (OSError, sources.ShardUnreadable) as error:
+        raise ConfigError(f"{sources.redact(location)}: cannot be read ({error})") from None
+    try:
+        raw = json.loads(text)
+        base = str(raw.get("base") or "")
+        if not base:
+            base = str(folder)
+        elif sources.is_local(str(folder)) and not sources.is_url(base):
+            base = os.path.normpath(os.path.join(sources.local_path(str(folder)), base))
+        elif not sources.is_url(base):
+            base = sources.join(str(folder), base)
         return CorpusIndex(
             kind=raw["kind"],
             shards=[ShardInfo(str(s["name"]), int(s["samples"])) for s in raw["shards"]],
             skipped={str(k): int(v) for k, v in raw.get("skipped", {}).items()},
+            base=base,
         )
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{path}: not a corpus index ({type(error).__name__}: {error})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{location}: not a corpus index ({type(error).__name__}: {error})") from None
+    except sources.ShardUnreadable as error:
+        raise ConfigError(f"{location}: base {error.detail}") from None
 
 
 def write_index(folder: str | Path, index: CorpusIndex) -> None:
     raw = {
         "version": INDEX_VERSION,
         "kind": index.kind,
+        **({"base": index.base} if index.base else {}),
         "samples": index.num_samples,
         "shards": [{"name": s.name, "samples": s.samples} for s in index.shards],
         "skipped": dict(sorted(index.skipped.items())),
@@ -148,6 +180,75 @@ class RawSample:
     key: str
     # suffix -> bytes, for the readable members only
     members: dict[str, bytes]
+    # Why the sample cannot be used although its members were found (e.g. `oversized_member`).
+    problem: SkipSample | None = None
+
+
+class ShardDamaged(Exception):
+    """A shard's tar stream (or its compression) breaks off or goes wrong after its good samples."""
+
+
+def decompressed(file: BinaryIO, name: str) -> BinaryIO:
+    """The tar stream of a shard file, by its name: `.tar.gz`/`.tgz` (gzip), `.tar.zst` (zstandard)."""
+    if name.endswith((".tar.gz", ".tgz")):
+        return gzip.GzipFile(fileobj=file, mode="rb")
+    if name.endswith(".tar.zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise sources.ShardUnreadable(
+                "unreadable_shard", f"{name}: reading .tar.zst needs the zstandard package"
+            ) from None
+        return zstandard.ZstdDecompressor().stream_reader(file, read_across_frames=True)
+    return file
+
+
+def _is_sample_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    if not member.isreg():
+        return None
+    key, suffix = base_plus_ext(member.name)
+    if key is None or member.name.rsplit("/", 1)[-1].startswith(("__", ".")):
+        return None
+    return key, suffix.lower()
+
+
+def read_samples(file: BinaryIO, name: str) -> Iterator[RawSample]:
+    """The samples of a shard in file order, in one sequential pass. Raises `ShardDamaged` where the
+    stream breaks off or a header is malformed (the sample being read there is lost with it)."""
+    key, members, problem = None, {}, None
+    stream = decompressed(file, name)
+    # A seekable plain tar is read without tarfile's stream buffer (faster); still front to back.
+    mode = "r:" if stream is file and file.seekable() else "r|"
+    try:
+        with tarfile.open(fileobj=stream, mode=mode) as tar:
+            for member in tar:
+                found = _is_sample_member(member)
+                if found is None:
+                    continue
+                if found[0] != key:
+                    if key is not None:
+                        yield RawSample(key, members, problem)
+                    key, members, problem = found[0], {}, None
+                suffix = found[1]
+                if suffix.rsplit(".", 1)[-1] not in READABLE_EXTENSIONS:
+                    continue
+                if member.size > MAX_MEMBER_BYTES:
+                    problem = SkipSample("oversized_member", f"{member.name} has {member.size} bytes")
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise ShardDamaged(f"{member.name} is cut short")
+                members[suffix] = data
+            if key is not None:
+                yield RawSample(key, members, problem)
+            # tarfile ends an archive quietly at a header it cannot parse; data after it is damage.
+            while rest := tar.fileobj.read(1 << 20):
+                if rest.strip(b"\0"):
+                    raise ShardDamaged(f"unreadable tar header at byte {tar.offset}")
+    except ShardDamaged:
+        raise
+    except Exception as error:  # noqa: BLE001 - tarfile, gzip and zstandard raise many types on bad data
+        raise ShardDamaged(f"{type(error).__name__}: {error}") from None
 
 
 class ShardReader:

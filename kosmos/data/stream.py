@@ -1,11 +1,21 @@
-"""One stream's share of a corpus, epoch after epoch, as encoded documents ready to pack.
+"""A corpus's epochs split into virtual streams, each read sequentially, as encoded documents ready to pack.
 
-Epoch order: epoch e visits the corpus's shards in a seeded shuffle and each shard's samples in a
-seeded shuffle, both drawn from (seed, corpus name, epoch) and so the same on every rank. Laid end to
-end that is one sequence of the corpus's N samples. With S streams (ranks x loader workers), stream s
-reads the contiguous slice [s*N//S, (s+1)*N//S) of it: slices are disjoint and cover the epoch, so
-every sample is read exactly once per epoch, and a stream's whole position is (epoch, index in its
-slice). Nothing random is carried between calls: the order is recomputed from the seed.
+Epoch order: epoch e lays the corpus's shards end to end in a shuffle seeded by (seed, corpus name, e),
+each shard's samples in file order: one sequence of the corpus's N samples. With V virtual streams,
+stream v owns the contiguous slice [v*N//V, (v+1)*N//V) of it: slices are disjoint and cover the
+epoch, so every sample is read exactly once per epoch.
+
+Within its slice, a virtual stream reads `spans` parts ("lanes", each a run of shard spans) at once,
+taking one sample of each in turn, and serves every window of `window` samples of that interleaved
+sequence in a shuffle seeded by (seed, corpus, e, v, window number): a window mixes samples of about
+`spans` shards, and every shard is still read front to back, in one pass. A stream's whole position is
+(epoch, position in its slice); the order is recomputed from the seed, so nothing random is carried,
+and a restored stream re-reads at most the window it was in.
+
+A physical stream (one loader worker of one rank) serves a block of virtual streams, one document
+from each in turn (`CorpusStream`). Index counts are claims: a shard that ends early has its missing
+samples counted (`shard_shorter_than_index`); one that holds more has the rest counted
+(`shard_longer_than_index`) by whoever reads its last counted sample.
 """
 
 from __future__ import annotations
@@ -13,24 +23,28 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-import tarfile
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, NamedTuple
 
 import torch
 from PIL import Image
 
+from kosmos.data import sources
 from kosmos.data.config import CorpusConfig
 from kosmos.data.decode import DECODERS, SPLITTABLE_KINDS, Document
-from kosmos.data.shards import CorpusIndex, ShardReader, SkipSample
+from kosmos.data.shards import CorpusIndex, RawSample, ShardDamaged, SkipSample, read_samples
 from kosmos.tokenizer import Encoded, Tokenizer
+
+# The skip-fraction rule judges a stream only once it has tried this many samples, and this many
+# shards' worth: fewer say more about which shards it met than about the corpus.
+MIN_TRIED_FOR_FRACTION = 1000
+MIN_SHARDS_FOR_FRACTION = 8
 
 
 class DataError(RuntimeError):
-    """A corpus cannot feed training (e.g. a whole epoch of a stream held no usable sample)."""
+    """A corpus can no longer feed training (every shard a stream reaches is unusable, or too many skips)."""
 
 
 class SampleRef(NamedTuple):
@@ -48,13 +62,16 @@ class SampleRef(NamedTuple):
 @dataclass
 class EncodedDocument:
     ref: SampleRef
-    position: int  # in its stream's slice of epoch `ref.epoch`
+    stream: int  # the virtual stream it came from
+    position: int  # in that stream's slice of epoch `ref.epoch`
     ids: torch.Tensor  # [T] long
     image_mask: torch.Tensor  # [T] bool
     labels: torch.Tensor  # [T] long, shifted, -100 where nothing is learned
     images: torch.Tensor  # [n, 3, H, W]
     image_starts: list[int]  # position of each image's `<image>` token
     dropped_images: Counter[str]
+    # Skips counted when this document was read (a shard's samples beyond its index count).
+    counted: Counter[str] = field(default_factory=Counter)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -84,8 +101,269 @@ def stream_slice(num_samples: int, stream: int, num_streams: int) -> tuple[int, 
     return num_samples * stream // num_streams, num_samples * (stream + 1) // num_streams
 
 
+def stream_block(physical: int, num_physical: int, num_virtual: int) -> range:
+    """The virtual streams physical stream `physical` of `num_physical` serves."""
+    return range(physical * num_virtual // num_physical, (physical + 1) * num_virtual // num_physical)
+
+
+class EpochPlan:
+    """Epoch `epoch` of virtual stream `stream`: which sample each position of its slice holds."""
+
+    def __init__(
+        self,
+        index: CorpusIndex,
+        seed: int,
+        name: str,
+        epoch: int,
+        stream: int,
+        num_streams: int,
+        spans: int,
+        window: int,
+    ):
+        self.epoch = epoch
+        self.shards = shuffled(len(index.shards), seed, name, epoch)
+        self.starts = [0, *itertools.accumulate(index.shards[k].samples for k in self.shards)]
+        first, end = stream_slice(self.starts[-1], stream, num_streams)
+        self.length = end - first
+        lanes = max(1, min(spans, self.length))
+        self.lane_starts = [first + self.length * j // lanes for j in range(lanes + 1)]
+        lengths = [b - a for a, b in itertools.pairwise(self.lane_starts)]
+        self.short = min(lengths)
+        self.long_lanes = [j for j, n in enumerate(lengths) if n > self.short]
+        self.window = window
+        self.seed_parts = (seed, name, epoch, stream)
+
+    @property
+    def lanes(self) -> int:
+        return len(self.lane_starts) - 1
+
+    def lane_sample(self, i: int) -> tuple[int, int]:
+        """Lane and index in the lane of the i-th sample of the interleaved sequence."""
+        if i < self.lanes * self.short:
+            return i % self.lanes, i // self.lanes
+        return self.long_lanes[i - self.lanes * self.short], self.short
+
+    def locate(self, lane: int, k: int) -> tuple[int, int]:
+        """The shard (its number in the index) and index in it of a lane's k-th sample."""
+        at = self.lane_starts[lane] + k
+        slot = bisect.bisect_right(self.starts, at) - 1
+        return self.shards[slot], at - self.starts[slot]
+
+    def lane_shards(self, lane: int, k: int, count: int) -> list[int]:
+        """The shard (number in the index) holding the lane's k-th sample and up to `count` - 1 after it."""
+        end = self.lane_starts[lane + 1]
+        slot = bisect.bisect_right(self.starts, self.lane_starts[lane] + k) - 1
+        slots = range(slot, min(slot + count, len(self.shards)))
+        return [self.shards[s] for s in slots if self.starts[s] < min(end, self.starts[s + 1])]
+
+    def window_range(self, w: int) -> range:
+        return range(w * self.window, min(self.length, (w + 1) * self.window))
+
+    def window_order(self, w: int) -> list[int]:
+        """The interleaved indices of window w in the order they are served."""
+        span = self.window_range(w)
+        return [span.start + j for j in shuffled(len(span), *self.seed_parts, w)]
+
+
+class ShardOpener:
+    """Opens the shards of one corpus for a sequential read: local ones in place, remote ones through
+    the process's cache (made when first needed)."""
+
+    def __init__(self, index: CorpusIndex, cache: Callable[[], sources.ShardCache]):
+        self.index = index
+        self.cache = cache
+
+    def open(self, name: str) -> BinaryIO:
+        location = self.index.location(name)
+        if sources.is_local(location):
+            return sources.open_local(location)
+        return self.cache().open(location)
+
+    def prefetch(self, name: str) -> None:
+        try:
+            location = self.index.location(name)
+        except sources.ShardUnreadable:
+            return
+        if not sources.is_local(location):
+            self.cache().prefetch(location)
+
+
+class LaneReader:
+    """One lane's sequential read: one shard open at a time, samples in file order."""
+
+    def __init__(self, corpus: str, index: CorpusIndex, opener: ShardOpener, failed: dict[int, SkipSample]):
+        self.corpus = corpus
+        self.index = index
+        self.opener = opener
+        self.failed = failed  # shards found unreadable this epoch, shared by the stream's lanes
+        self.shard: int | None = None
+        self.file: BinaryIO | None = None
+        self.samples: Iterator[RawSample] = iter(())
+        self.next_index = 0
+        self.failure: SkipSample | None = None
+
+    def read(self, shard: int, index: int) -> tuple[RawSample | SkipSample, int]:
+        """Sample `index` of shard `shard`, or why it cannot be had; and, when it is the last sample the
+        index counts, how many more samples the shard holds."""
+        if self.shard != shard or index < self.next_index:
+            self._open(shard)
+        while self.failure is None and self.next_index < index:
+            self._advance()
+        sample = self.failure or self._advance()
+        extra = 0
+        if index == self.index.shards[shard].samples - 1 and self.failure is None:
+            while not isinstance(self._advance(), SkipSample):
+                extra += 1
+            self.close()
+        return sample, extra
+
+    def _open(self, shard: int) -> None:
+        self.close()
+        self.shard, self.next_index, self.failure = shard, 0, None
+        name = self.index.shards[shard].name
+        if shard in self.failed:
+            self.failure = self.failed[shard]
+            return
+        try:
+            self.file = self.opener.open(name)
+            self.samples = read_samples(self.file, name)
+        except sources.ShardUnreadable as error:
+            self.failure = self.failed[shard] = SkipSample(error.reason, error.detail)
+            sources.warn(
+                f"corpus {self.corpus}: shard {name} skipped ({error.reason}), its "
+                f"{self.index.shards[shard].samples} samples counted as {error.reason}: {error.detail}"
+            )
+
+    def _advance(self) -> RawSample | SkipSample:
+        try:
+            sample = next(self.samples)
+        except StopIteration:
+            info = self.index.shards[self.shard]
+            self.failure = SkipSample(
+                "shard_shorter_than_index",
+                f"{info.name} holds {self.next_index} samples, the index says {info.samples}",
+            )
+            return self.failure
+        except ShardDamaged as error:
+            name = self.index.shards[self.shard].name
+            if self.next_index == 0:  # not a tar stream at all
+                self.failure = self.failed[self.shard] = SkipSample("unreadable_shard", f"{name}: {error}")
+                sources.warn(f"corpus {self.corpus}: shard {name} skipped (unreadable_shard): {error}")
+            else:
+                self.failure = SkipSample("truncated_shard", f"{name}: {error}")
+            return self.failure
+        self.next_index += 1
+        return sample
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.samples = iter(())
+            self.file.close()
+            self.file = None
+        self.shard = None
+
+
+class VirtualStream:
+    """One virtual stream of a corpus: its position, its counters, and the window it is reading."""
+
+    def __init__(
+        self,
+        name: str,
+        index: CorpusIndex,
+        seed: int,
+        number: int,
+        count: int,
+        spans: int,
+        window: int,
+        opener: ShardOpener,
+    ):
+        self.name, self.index, self.seed = name, index, seed
+        self.number, self.count, self.spans, self.window = number, count, spans, window
+        self.opener = opener
+        self.epoch = self.position = self.offset = self.tried = 0
+        self.skipped: Counter[str] = Counter()
+        self.dropped_images: Counter[str] = Counter()
+        self._plan: EpochPlan | None = None
+        self._lanes: list[LaneReader] = []
+        self._window: tuple[int, int] | None = None  # (epoch, window number) of `_buffer`
+        self._order: list[int] = []
+        self._buffer: dict[int, tuple[SampleRef, RawSample | SkipSample, int]] = {}
+
+    def _get_plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
+            self.close()
+            self._plan = EpochPlan(
+                self.index, self.seed, self.name, epoch, self.number, self.count, self.spans, self.window
+            )
+            failed: dict[int, SkipSample] = {}
+            self._lanes = [
+                LaneReader(self.name, self.index, self.opener, failed) for _ in range(self._plan.lanes)
+            ]
+        return self._plan
+
+    def next_raw(self) -> tuple[SampleRef, int, RawSample | SkipSample, int]:
+        """The next sample of the stream (or why it cannot be had), its position, and the samples
+        counted beyond its shard's index count."""
+        plan = self._get_plan(self.epoch)
+        w, position = self.position // plan.window, self.position
+        if self._window != (self.epoch, w):
+            self._fill(plan, w)
+        ref, raw, extra = self._buffer.pop(self._order[position - w * plan.window])
+        self.position += 1
+        if self.position == plan.length:
+            self.epoch, self.position = self.epoch + 1, 0
+        return ref, position, raw, extra
+
+    def _fill(self, plan: EpochPlan, w: int) -> None:
+        """Read window w: each lane's next samples, in turn, so every lane reads front to back."""
+        span = plan.window_range(w)
+        for lane in range(plan.lanes):  # each lane's shard and the one after it
+            for shard in plan.lane_shards(lane, span.start // plan.lanes, count=2):
+                self.opener.prefetch(self.index.shards[shard].name)
+        self._buffer = {}
+        for i in span:
+            lane, k = plan.lane_sample(i)
+            shard, index = plan.locate(lane, k)
+            raw, extra = self._lanes[lane].read(shard, index)
+            self._buffer[i] = (
+                SampleRef(self.name, plan.epoch, self.index.shards[shard].name, index),
+                raw,
+                extra,
+            )
+        self._order = plan.window_order(w)
+        self._window = (plan.epoch, w)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "offset": self.offset,
+            "tried": self.tried,
+            "skipped": {k: v for k, v in self.skipped.items() if v},
+            "dropped_images": {k: v for k, v in self.dropped_images.items() if v},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.offset, self.tried = int(state["offset"]), int(state["tried"])
+        self.skipped = Counter(state["skipped"])
+        self.dropped_images = Counter(state["dropped_images"])
+        self._window = None
+
+    def close(self) -> None:
+        for lane in self._lanes:
+            lane.close()
+        self._window, self._buffer = None, {}
+
+
+def virtual_state() -> dict:
+    """The state of a virtual stream that has read nothing yet."""
+    return {"epoch": 0, "position": 0, "offset": 0, "tried": 0, "skipped": {}, "dropped_images": {}}
+
+
 class CorpusStream:
-    """Reads stream `stream` of `num_streams` of a corpus: decodes, preprocesses and tokenizes."""
+    """A physical stream of a corpus: serves virtual streams `streams` (of `num_streams`) one usable
+    document from each in turn, decoded, preprocessed and tokenized."""
 
     def __init__(
         self,
@@ -97,8 +375,12 @@ class CorpusStream:
         num_image_tokens: int,
         seq_len: int,
         seed: int,
-        stream: int,
+        streams: range,
         num_streams: int,
+        spans: int,
+        window: int,
+        opener: ShardOpener,
+        max_skip_fraction: float,
     ):
         self.corpus = corpus
         self.index = index
@@ -107,85 +389,91 @@ class CorpusStream:
         self.no_images = torch.empty(0, 3, image_size, image_size)
         self.num_image_tokens = num_image_tokens
         self.seq_len = seq_len
-        self.seed = seed
         self.decode = DECODERS[corpus.kind]
-        self.slice_start, self.slice_end = stream_slice(index.num_samples, stream, num_streams)
-        self.epoch = 0
-        self.position = 0
-        self.skipped: Counter[str] = Counter()
-        self.dropped_images: Counter[str] = Counter()
+        self.max_skip_fraction = max_skip_fraction
+        self.virtual = [
+            VirtualStream(corpus.name, index, seed, v, num_streams, spans, window, opener) for v in streams
+        ]
+        self.turn = 0
         # Skipped samples since the last `take_skips()`, for tracing them back.
         self.skip_log: list[tuple[SampleRef, str]] = []
-        self._order_epoch: int | None = None
-        self._shard_order: list[int] = []
-        self._shard_starts: list[int] = []
-        self._sample_order: tuple[tuple[int, int], list[int]] | None = None  # ((shard, epoch), order)
-        self._reader: tuple[str, ShardReader | None, str] | None = None  # shard, reader, why unreadable
+        self._misses = 0  # samples tried since the last usable one
+        self._failed_shards: dict[str, str] = {}  # recent shard-level failures, for the error message
 
     # -- reading --------------------------------------------------------------------------------
 
-    def next_document(self) -> EncodedDocument:
-        """The next usable document; unusable samples on the way are counted and logged."""
-        misses = 0
+    def next_document(self) -> tuple[EncodedDocument, int]:
+        """The next usable document and how many of its tokens are already packed (non-zero only for
+        a document left part-packed when the state was saved); unusable samples are counted."""
         while True:
-            epoch, position = self.epoch, self.position
-            ref = self._ref(epoch, position)
-            self.position += 1
-            if self.position == self.slice_end - self.slice_start:
-                self.epoch, self.position = self.epoch + 1, 0
+            stream = self.virtual[self.turn]
+            offset, stream.offset = stream.offset, 0
+            ref, position, raw, extra = stream.next_raw()
+            stream.tried += 1
+            counted = Counter({"shard_longer_than_index": extra} if extra else {})
+            if extra:
+                stream.skipped.update(counted)
+                self.skip_log += [(ref, "shard_longer_than_index")] * extra
+                sources.warn(
+                    f"corpus {self.corpus.name}: {ref.shard} holds {extra} samples beyond its index count"
+                )
             try:
-                document = self._read(ref, position)
+                if isinstance(raw, SkipSample):
+                    raise raw
+                if raw.problem is not None:
+                    raise raw.problem
+                document = self._encode(ref, stream.number, position, raw)
             except SkipSample as skip:
-                self.skipped[skip.reason] += 1
+                stream.skipped[skip.reason] += 1
                 self.skip_log.append((ref, skip.reason))
-                misses += 1
-                if misses >= 2 * (self.slice_end - self.slice_start):  # then a whole epoch was unusable
-                    raise DataError(
-                        f"corpus {self.corpus.name} ({self.corpus.path}): a whole epoch of this stream's "
-                        f"samples was unusable (last: {ref}: {skip})"
-                    ) from None
+                if skip.reason in ("unreadable_shard", "path_outside", "truncated_shard"):
+                    self._failed_shards.pop(ref.shard, None)
+                    self._failed_shards[ref.shard] = str(skip)
+                    while len(self._failed_shards) > 5:
+                        self._failed_shards.pop(next(iter(self._failed_shards)))
+                self._misses += 1
+                self._check_health()
                 continue
-            self.dropped_images.update(document.dropped_images)
-            return document
+            self._misses = 0
+            document.counted = counted
+            stream.dropped_images.update(document.dropped_images)
+            self.turn = (self.turn + 1) % len(self.virtual)
+            return document, offset
+
+    def _check_health(self) -> None:
+        """Stop when the corpus can no longer feed this stream: nothing usable in two corpora's worth
+        of samples in a row, or more than `max_skip_fraction` of the samples tried skipped."""
+        tried = sum(s.tried for s in self.virtual)
+        skipped = sum(sum(s.skipped.values()) for s in self.virtual)
+        shards = len(self.index.shards)
+        judged = tried >= max(
+            MIN_TRIED_FOR_FRACTION, MIN_SHARDS_FOR_FRACTION * self.index.num_samples / shards
+        )
+        if self._misses >= 2 * self.index.num_samples:
+            why = f"no usable sample in the last {self._misses} it tried"
+        elif judged and skipped > self.max_skip_fraction * tried:
+            why = (
+                f"{skipped} of the {tried} samples it tried were skipped, over data.max_skip_fraction "
+                f"{self.max_skip_fraction}"
+            )
+        else:
+            return
+        reasons = Counter()
+        for s in self.virtual:
+            reasons.update(s.skipped)
+        shards_failed = "; ".join(f"{name} ({error})" for name, error in self._failed_shards.items())
+        raise DataError(
+            f"corpus {self.corpus.name} ({sources.redact(self.corpus.path)}) can no longer feed its share of "
+            f"a step: {why}; skipped by reason {dict(reasons.most_common())}"
+            + (f"; failing shards: {shards_failed}" if shards_failed else "")
+        )
 
     def take_skips(self) -> list[tuple[SampleRef, str]]:
         skips, self.skip_log = self.skip_log, []
         return skips
 
-    def _ref(self, epoch: int, position: int) -> SampleRef:
-        """The sample at `position` of this stream's slice of the epoch's order."""
-        if self._order_epoch != epoch:
-            self._shard_order = shuffled(len(self.index.shards), self.seed, self.corpus.name, epoch)
-            counts = [self.index.shards[k].samples for k in self._shard_order]
-            self._shard_starts = [0, *itertools.accumulate(counts)][:-1]
-            self._order_epoch = epoch
-        at = self.slice_start + position
-        slot = bisect.bisect_right(self._shard_starts, at) - 1
-        shard = self._shard_order[slot]
-        info = self.index.shards[shard]
-        if self._sample_order is None or self._sample_order[0] != (shard, epoch):
-            self._sample_order = (
-                (shard, epoch),
-                shuffled(info.samples, self.seed, self.corpus.name, epoch, info.name),
-            )
-        return SampleRef(
-            self.corpus.name, epoch, info.name, self._sample_order[1][at - self._shard_starts[slot]]
-        )
-
-    def _open(self, shard: str) -> ShardReader:
-        if self._reader is None or self._reader[0] != shard:
-            self.close()
-            try:
-                self._reader = (shard, ShardReader(Path(self.corpus.path) / shard), "")
-            except (OSError, tarfile.TarError) as error:
-                self._reader = (shard, None, f"{type(error).__name__}: {error}")
-        _, reader, error = self._reader
-        if reader is None:
-            raise SkipSample("unreadable_shard", f"{self.corpus.path}/{shard}: {error}")
-        return reader
-
-    def _read(self, ref: SampleRef, position: int) -> EncodedDocument:
-        document = self.decode(self._open(ref.shard).read(ref.index), self.corpus)
+    def _encode(self, ref: SampleRef, stream: int, position: int, raw: RawSample) -> EncodedDocument:
+        document = self.decode(raw, self.corpus)
         encoded = encode_document(document, self.tokenizer, self.num_image_tokens)
         if self.corpus.kind not in SPLITTABLE_KINDS and len(encoded) > self.seq_len:
             raise SkipSample("too_long", f"{len(encoded)} tokens")
@@ -193,6 +481,7 @@ class CorpusStream:
         ids = torch.tensor(encoded.ids, dtype=torch.long)
         return EncodedDocument(
             ref=ref,
+            stream=stream,
             position=position,
             ids=ids,
             image_mask=torch.tensor(encoded.image_mask, dtype=torch.bool),
@@ -204,26 +493,29 @@ class CorpusStream:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def state_dict(self, unread: EncodedDocument | None = None) -> dict:
-        """The stream's position and counters; with `unread`, as if that document (the last one read)
-        had not been read yet, so that a restored stream reads it again."""
-        epoch, position, dropped = self.epoch, self.position, Counter(self.dropped_images)
+    def state_dict(self, unread: EncodedDocument | None = None, offset: int = 0) -> dict:
+        """Each virtual stream's position and counters; with `unread`, as if that document (the last
+        one read) had not been read yet, `offset` of its tokens already packed, so that a restored
+        stream reads it again and goes on after them."""
+        states = {s.number: s.state_dict() for s in self.virtual}
+        turn = self.turn
         if unread is not None:
-            epoch, position = unread.ref.epoch, unread.position
-            dropped.subtract(unread.dropped_images)
-        return {
-            "epoch": epoch,
-            "position": position,
-            "skipped": dict(self.skipped),
-            "dropped_images": {k: v for k, v in dropped.items() if v},
-        }
+            state = states[unread.stream]
+            state.update(
+                epoch=unread.ref.epoch, position=unread.position, offset=offset, tried=state["tried"] - 1
+            )
+            for key, counts in (("dropped_images", unread.dropped_images), ("skipped", unread.counted)):
+                left = Counter(state[key])
+                left.subtract(counts)
+                state[key] = {k: v for k, v in left.items() if v}
+            turn = [s.number for s in self.virtual].index(unread.stream)
+        return {"turn": turn, "streams": {str(number): state for number, state in states.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.skipped = Counter(state["skipped"])
-        self.dropped_images = Counter(state["dropped_images"])
+        self.turn = int(state["turn"])
+        for stream in self.virtual:
+            stream.load_state_dict(state["streams"][str(stream.number)])
 
     def close(self) -> None:
-        if self._reader is not None and self._reader[1] is not None:
-            self._reader[1].close()
-        self._reader = None
+        for stream in self.virtual:
+            stream.close()

@@ -173,18 +173,6 @@ class Resize:
         for group, settings in zip(optimizer.param_groups, saved, strict=True):
             group.update({key: value for key, value in settings.items() if key != "params"})
 
-    def restore_loader(self, loader, saved_states: list[dict]) -> str:
-        """Give the loader the positions every old rank saved; returns what became of the data position.
-
-        The loader restores a position only on the layout that saved it: after a resize it starts
-        its data order afresh.
-        """
-        return (
-            f"the data loader cannot regroup the positions saved by {self.saved_world_size} ranks onto "
-            f"{self.world_size}: it starts its data order from the beginning, so samples already seen "
-            f"in this epoch are seen again"
-        )
-
     def describe(self, step: int) -> str:
         how = (
             f"converted to {self.universal} in {self.conversion_seconds:.1f} s"
@@ -194,5 +182,6 @@ class Resize:
         return (
             f"resized: {self.checkpoint} was written by {self.saved_world_size} ranks and resumes at step "
             f"{step} on {self.world_size}; weights, optimizer state and LR schedule through DeepSpeed's "
-            f"universal checkpoint ({how}); random generators derived from train.seed, the step and the rank"
+            f"universal checkpoint ({how}); data positions regrouped from the saved virtual streams; random "
+            f"generators derived from train.seed, the step and the rank"
         )

@@ -118,13 +118,13 @@ class Trainer:
         follow_config(self.engine.lr_scheduler, self.cfg.optimizer)
         saved = client["kosmos"]
         self.state.load_state_dict(saved["train"])
+        # Every rank's positions: on the saved layout the loader takes its own, on another one (ranks
+        # or loader workers) it regroups the virtual streams.
+        self.loader.load_state_dict([rank["data"] for rank in saved["ranks"]])
         if resize is None:
-            mine = saved["ranks"][self.env.rank]
-            self.loader.load_state_dict(mine["data"])
-            set_rng_state(mine["rng"])
+            set_rng_state(saved["ranks"][self.env.rank]["rng"])
         else:
             self._print(resize.describe(self.state.step))
-            self._print(resize.restore_loader(self.loader, [rank["data"] for rank in saved["ranks"]]))
             seed_everything(derived_seed(self.cfg.train.seed, self.state.step, self.env.rank))
         self.resumed_from = self.checkpoints.root / self.checkpoints.latest_tag()
         self._print(f"resumed from {self.resumed_from} at step {self.state.step}")
