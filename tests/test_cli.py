@@ -76,6 +76,13 @@ def test_impossible_counts_are_usage_errors(capsys):
         assert "must be at least 1" in capsys.readouterr().err
 
 
+def test_plan_options_without_dry_run_stop_before_training(capsys):
+    argv = ["train", "--config", "configs/train/tiny.yaml", "--gpus", "8", "--json"]
+    assert main(argv) == EXIT_USAGE
+    (line,) = stderr_lines(capsys)
+    assert "--gpus, --json: only with --dry-run" in line
+
+
 def test_yaml_syntax_errors_name_file_line_and_column(capsys, tmp_path):
     bad = tmp_path / "model.yaml"
     bad.write_text("text:\n  layers: [2, 3\nvision: {}\n")

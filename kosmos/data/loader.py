@@ -65,7 +65,8 @@ def rows_per_step(
             lower = corpus.tokens_per_step // row_tokens * row_tokens
             raise ConfigError(
                 f"{key}.tokens_per_step: {corpus.tokens_per_step} is not a multiple of seq_len x world size "
-                f"= {cfg.seq_len} x {world_size}; use e.g. {lower or row_tokens} or {lower + row_tokens}"
+                f"= {cfg.seq_len} x {world_size}; use e.g. "
+                + (f"{lower} or {lower + row_tokens}" if lower else f"{row_tokens}")
             )
         if indexes[corpus.name].num_samples < virtual_streams:
             raise ConfigError(

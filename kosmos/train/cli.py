@@ -42,11 +42,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
 
+# The dry run's options that have no default: given without --dry-run they would be silently ignored.
+_PLAN_ONLY = ("gpus", "gpu_memory", "peak_tflops", "mfu", "attention", "json")
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from kosmos.train.plan import dry_run
 
         return dry_run(args)
+    given = [f"--{name.replace('_', '-')}" for name in _PLAN_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        from kosmos.config import ConfigError
+
+        raise ConfigError(f"{', '.join(given)}: only with --dry-run (a training plans nothing)")
     from kosmos.train.config import load_train_config
     from kosmos.train.trainer import train
 
