@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kosmos.bench import _fewest_that_fit, _largest_that_fits, synthetic_batch
+from kosmos.bench.common import synthetic_batch
+from kosmos.bench.train import fewest_that_fit, largest_that_fits
 from kosmos.cli import main
 from kosmos.model import KosmosModel, KVCache, generate, pad_batch
 from kosmos.model import loss as loss_module
@@ -154,7 +155,7 @@ def test_image_slot_mismatch_is_refused_on_the_host(tiny_config):
 
 def test_transformers_twin_gives_our_loss(tiny_config):
     pytest.importorskip("transformers")
-    from kosmos.bench import transformers_inputs, transformers_twin
+    from kosmos.bench.common import transformers_inputs, transformers_twin
 
     model = KosmosModel(tiny_config).train()
     twin = transformers_twin(model).train()
@@ -168,12 +169,12 @@ def test_transformers_twin_gives_our_loss(tiny_config):
 
 
 def test_memory_searches():
-    assert _largest_that_fits(lambda b: {"b": b} if b <= 5 else None, cap=64) == (5, {"b": 5})
-    assert _largest_that_fits(lambda b: {"b": b}, cap=6) == (4, {"b": 4})
-    assert _largest_that_fits(lambda b: None, cap=64) == (0, None)
-    assert _fewest_that_fit(lambda n: {"n": n} if n >= 7 else None, 24) == (7, {"n": 7})
-    assert _fewest_that_fit(lambda n: {"n": n}, 24) == (0, {"n": 0})
-    assert _fewest_that_fit(lambda n: None, 24) == (None, None)
+    assert largest_that_fits(lambda b: {"b": b} if b <= 5 else None, cap=64) == (5, {"b": 5})
+    assert largest_that_fits(lambda b: {"b": b}, cap=6) == (4, {"b": 4})
+    assert largest_that_fits(lambda b: None, cap=64) == (0, None)
+    assert fewest_that_fit(lambda n: {"n": n} if n >= 7 else None, 24) == (7, {"n": 7})
+    assert fewest_that_fit(lambda n: {"n": n}, 24) == (0, {"n": 0})
+    assert fewest_that_fit(lambda n: None, 24) == (None, None)
 
 
 SMALL = ["model.text.layers=1", "model.vision.layers=1", "model.vision.trainable_blocks=1"]
