@@ -110,7 +110,7 @@ def bench_train(args: argparse.Namespace) -> int:
         "bf16": bf16,
         "activation_checkpointing": cfg.deepspeed.activation_checkpointing,
         "compile": cfg.train.compile,
-        "attention": model.attention_backend(device, dtype),
+        "attention": model.attention_backend(device, dtype, needs_grad=True),
         "steps": args.steps,
         "peak_tflops_measured": round(measured_peak / env.world_size / 1e12, 4),
         "peak_tflops_training_logs": logged_peak and logged_peak / 1e12,

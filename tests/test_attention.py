@@ -1,0 +1,173 @@
+"""Attention backends over packed rows give the dense-mask reference's logits and gradients, and
+`model.attention: auto` picks as documented. Nothing here is timed."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kosmos.bench.common import synthetic_batch
+from kosmos.config import ConfigError
+from kosmos.model import KosmosModel, load_model_config
+from kosmos.model import attention as attention_module
+from kosmos.model.attention import DocumentBuckets, choose_backend
+from kosmos.tokenizer import IGNORE_INDEX
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def packed_batch(cfg, rows: int, seq_len: int, seed: int = 0) -> dict:
+    """Rows packed with documents of many lengths (some with an image, some text only), the last
+    document of a row cut where the row ends or followed by padding, as the data pipeline packs."""
+    generator = torch.Generator().manual_seed(seed)
+    slots = cfg.connector.num_queries + 2
+    parts = {key: [] for key in ("input_ids", "image_mask", "labels", "position_ids", "segment_ids")}
+    images = []
+    for row in range(rows):
+        pieces, used, number = [], 0, 1
+        padding = int(torch.randint(0, seq_len // 4, (), generator=generator)) if row else 0
+        while used < seq_len - padding:
+            with_image = bool(torch.randint(0, 2, (), generator=generator))
+            low = slots + 4 if with_image else 2
+            length = min(int(torch.randint(low, low + 40, (), generator=generator)), seq_len - padding - used)
+            if length < low:  # too short for its image: the rest of the row is padding
+                break
+            doc = synthetic_batch(cfg, 1, length, int(with_image), seed=seed * 1000 + row * 100 + number)
+            doc["labels"][0, -1] = IGNORE_INDEX  # a document's last token predicts nothing in a row
+            doc["segment_ids"] *= number
+            pieces.append(doc)
+            images.append(doc["images"])
+            used, number = used + length, number + 1
+        for key, column in parts.items():
+            row_parts = [doc[key][0] for doc in pieces]
+            fill = {"input_ids": 1, "labels": IGNORE_INDEX}.get(key, 0)
+            row_parts.append(torch.full((seq_len - used,), fill, dtype=row_parts[0].dtype))
+            column.append(torch.cat(row_parts))
+    batch = {key: torch.stack(value) for key, value in parts.items()}
+    batch["images"] = torch.cat(images)
+    return batch
+
+
+def _logits_and_grads(model, batch):
+    model.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    real = batch["segment_ids"] > 0
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits[real].detach(), loss.detach(), grads
+
+
+def _twin(model, backend):
+    other = KosmosModel(dataclasses.replace(model.cfg, attention=backend))
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
+def test_packed_batch_has_many_documents_padding_and_images(tiny_config):
+    batch = packed_batch(tiny_config, rows=3, seq_len=200)
+    segments = batch["segment_ids"]
+    assert (segments.max(1).values >= 4).all()
+    assert (segments == 0).any() and batch["image_mask"].any()
+    assert int(batch["image_mask"].sum()) == len(batch["images"]) * tiny_config.connector.num_queries
+
+
+def test_documents_backend_trains_like_the_dense_mask(tiny_config):
+    reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).train()
+    documents = _twin(reference, "documents")
+    batch = packed_batch(tiny_config, rows=3, seq_len=200)
+    logits, loss, grads = _logits_and_grads(documents, batch)
+    ref_logits, ref_loss, ref_grads = _logits_and_grads(reference, batch)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_documents_backend_on_rows_of_one_document_each(tiny_config):
+    reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).eval()
+    documents = _twin(reference, "documents")
+    batch = synthetic_batch(tiny_config, rows=2, seq_len=64, images_per_row=1)
+    assert DocumentBuckets(batch["segment_ids"]).whole_rows
+    with torch.no_grad():
+        torch.testing.assert_close(documents(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_document_buckets_group_similar_lengths():
+    lengths = [300, 290, 250, 120, 100, 30, 5, 2]
+    segments = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]).unsqueeze(0)
+    buckets = DocumentBuckets(F.pad(segments, (0, 10)))  # trailing padding: in no bucket
+    shapes = [tuple(b.shape) for b in buckets.buckets]
+    assert shapes == [(3, 300), (2, 120), (3, 30)]
+    assert sorted(buckets.targets.tolist()) == list(range(sum(lengths)))  # every real position once
+
+
+def test_flex_backend_forward_matches_the_dense_mask_on_cpu(tiny_config):
+    cfg = dataclasses.replace(tiny_config, text=dataclasses.replace(tiny_config.text, layers=1))
+    reference = KosmosModel(dataclasses.replace(cfg, attention="sdpa")).eval()
+    flex = _twin(reference, "flex")
+    batch = packed_batch(cfg, rows=2, seq_len=160)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    real = batch["segment_ids"] > 0
+    with torch.no_grad():
+        logits, ref_logits = flex(**inputs).logits[real], reference(**inputs).logits[real]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="model.attention: flex trains only on CUDA"):
+        flex.train()(**batch)
+
+
+def test_auto_picks_per_device_dtype_and_pass(monkeypatch):
+    monkeypatch.setattr(attention_module, "varlen_attn", object())
+    for needs_grad in (True, False):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert choose_backend("auto", CPU, dtype, needs_grad, dropout=False) == "documents"
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", None)
+    assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=False) == "varlen"
+    assert choose_backend("auto", CUDA, torch.float32, True, dropout=False) == "flex"
+    assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=True) == "documents"
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", object())
+    assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=True) == "flash"
+    assert choose_backend("auto", CUDA, torch.float32, True, dropout=False) == "flex"
+
+
+def test_backends_that_cannot_run_are_refused_by_name(monkeypatch):
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", None)
+    refusals = [
+        ("flash", CUDA, torch.bfloat16, False, "flash needs flash-attn"),
+        ("varlen", CPU, torch.bfloat16, False, "varlen needs"),
+        ("varlen", CUDA, torch.float32, False, "varlen needs"),
+        ("flex", CPU, torch.float32, False, "flex trains only on CUDA"),
+        ("flex", CUDA, torch.float32, True, "flex has no attention dropout"),
+    ]
+    for choice, device, dtype, dropout, message in refusals:
+        with pytest.raises(ConfigError, match=f"model.attention: {message}"):
+            choose_backend(choice, device, dtype, needs_grad=True, dropout=dropout)
+    assert choose_backend("flex", CPU, torch.float32, needs_grad=False, dropout=False) == "flex"
+    assert choose_backend("sdpa", CUDA, torch.bfloat16, True, dropout=True) == "sdpa"
+
+
+def test_unknown_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="attention"):
+        load_model_config("configs/model/tiny.yaml", ["attention=dense"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["documents", "flex", "varlen", "flash"])
+def test_cuda_backends_train_like_the_dense_mask_in_bf16(tiny_config, backend):
+    if backend == "flash":
+        pytest.importorskip("flash_attn")
+    reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).cuda().bfloat16().train()
+    other = _twin(reference, backend).cuda().bfloat16()
+    batch = {k: v.cuda() for k, v in packed_batch(tiny_config, rows=3, seq_len=256).items()}
+    batch["images"] = batch["images"].bfloat16()
+    logits, loss, grads = _logits_and_grads(other, batch)
+    ref_logits, ref_loss, ref_grads = _logits_and_grads(reference, batch)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(loss.float(), ref_loss.float(), atol=3e-2, rtol=3e-2)
+    for name, grad in grads.items():  # bf16 kernels differ elementwise: compare directions
+        similarity = F.cosine_similarity(grad.float().flatten(), ref_grads[name].float().flatten(), dim=0)
+        assert similarity > 0.99, name
