@@ -85,6 +85,29 @@ def synthetic_batch(model_cfg, rows: int, seq_len: int, images_per_row: int, see
     }
 
 
+def packed_rows(cfg, corpus: str) -> dict:
+    """One micro-batch of the config's shape, its rows packed by the data loader from the documents
+    of the config's corpus named `corpus` (DESIGN section 3; several documents per row)."""
+    import dataclasses
+
+    from kosmos.config import ConfigError
+    from kosmos.data import build_loader
+    from kosmos.tokenizer import Tokenizer
+
+    found = [c for c in cfg.data.corpora if c.name == corpus]
+    if not found:
+        names = ", ".join(c.name for c in cfg.data.corpora)
+        raise ConfigError(f"--packed: the config has no corpus named {corpus!r} (it has {names})")
+    rows, seq_len = cfg.data.micro_batch_size, cfg.data.seq_len
+    only = dataclasses.replace(found[0], tokens_per_step=rows * seq_len)
+    data = dataclasses.replace(cfg.data, corpora=[only], num_workers=0)
+    loader = build_loader(
+        data, Tokenizer(cfg.tokenizer), cfg.model.vision.image_size, cfg.model.connector.num_queries
+    )
+    (batch,) = next(iter(loader))
+    return {k: v for k, v in batch.items() if k != "source"}
+
+
 def transformers_twin(model):
     """`transformers`' Kosmos2ForConditionalGeneration (SDPA attention) with our model's weights and
     the same set of trainable parameters."""
@@ -179,11 +202,13 @@ def alternate(runs: dict, repeats: int, device) -> dict[str, list[float]]:
     return seconds
 
 
-def print_report(report: dict, as_json: bool, columns: list[str]) -> None:
+def print_report(report: dict, as_json: bool, columns: list[str], sides: list[str] | None = None) -> None:
+    """One JSON object, or the report's settings then a table of `sides` (default ours, theirs)."""
     if as_json:
         print(json.dumps(report))
         return
-    sides = [side for side in ("ours", "theirs") if side in report]
+    sides = [side for side in (sides or []) + ["ours", "theirs"] if side in report]
+    sides = list(dict.fromkeys(sides))
     for key, value in report.items():
         if key not in sides and key != "speedup":
             print(f"{key}: {value}")

@@ -19,11 +19,13 @@ from kosmos.bench.common import (
     machine,
     measure_peak_flops,
     memory_gb,
+    packed_rows,
     print_report,
     synthetic_batch,
     transformers_inputs,
     transformers_twin,
 )
+from kosmos.config import ConfigError
 
 
 def register(benches: argparse._SubParsersAction) -> None:
@@ -38,6 +40,18 @@ def register(benches: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--max-micro-batch", type=int, default=64, help="--memory searches up to this")
     train.add_argument(
+        "--packed",
+        metavar="CORPUS",
+        help="rows packed by the data loader from the config's corpus CORPUS (its real documents, "
+        "several per row) instead of synthetic rows of one document",
+    )
+    train.add_argument(
+        "--attention",
+        metavar="BACKENDS",
+        help="compare these model.attention backends (comma-separated, the first the reference, e.g. "
+        "sdpa,documents): one engine each from the same weights, alternated",
+    )
+    train.add_argument(
         "--profile",
         metavar="TRACE",
         help="record the timed steps with torch.profiler: a Chrome trace to TRACE, the top operators on stderr",
@@ -49,37 +63,56 @@ def bench_train(args: argparse.Namespace) -> int:
     cfg = load_bench_config(args.config, args.overrides)
     if args.memory:
         return memory_sweep(args, cfg)
-    if args.hf and args.images_per_row < 1:
+    if args.hf and (args.images_per_row < 1 or args.packed):
         print(
-            "kosmos bench train: --hf needs --images-per-row of 1 or more (Kosmos-2 wants images)",
+            "kosmos bench train: --hf needs synthetic rows with --images-per-row of 1 or more (Kosmos-2 "
+            "wants images, one document per row; `kosmos bench time-to-loss` compares packed with padded)",
             file=sys.stderr,
         )
         return 2
+    import dataclasses
     import warnings
 
     import torch
 
     from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
+    from kosmos.model.attention import BACKENDS
     from kosmos.train.engine import build_engine, init_distributed, use_bf16
     from kosmos.train.metrics import flops_utilisation, peak_flops
 
+    backends = args.attention.split(",") if args.attention else [cfg.model.attention]
+    unknown = [name for name in backends if name not in BACKENDS]
+    if unknown:
+        raise ConfigError(f"--attention: unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
     env = init_distributed()
     device, bf16 = env.device, use_bf16(cfg.deepspeed.bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     rows, seq_len = cfg.data.micro_batch_size, cfg.data.seq_len
-    batch = synthetic_batch(cfg.model, rows, seq_len, args.images_per_row)
+    if args.packed:
+        batch = packed_rows(cfg, args.packed)
+    else:
+        batch = synthetic_batch(cfg.model, rows, seq_len, args.images_per_row)
     batch = {k: v.to(device) for k, v in batch.items()}
 
     torch.manual_seed(cfg.train.seed)
-    model = KosmosModel(cfg.model)
-    model.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
+    model = KosmosModel(dataclasses.replace(cfg.model, attention=backends[0]))
     twin = transformers_twin(model) if args.hf else None  # built before any update: equal weights
-    if cfg.train.compile:
-        model.compile_layers()
-    runs = {"ours": TrainSteps(build_engine(cfg, model, 1, bf16), batch, args.warmup)}
-    memory = {"ours": memory_gb(device)}  # before the twin trains: ours alone
+    sides = {(backends[0] if args.attention else "ours"): model}
+    for backend in backends[1:]:  # all built before any update: equal weights
+        sides[backend] = KosmosModel(dataclasses.replace(cfg.model, attention=backend))
+        sides[backend].load_state_dict(model.state_dict())
+    runs, memory, attention, resolved = {}, {}, {}, {}
+    for side, ours in sides.items():
+        ours.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
+        resolved[side] = ours.attention_backend(device, dtype, needs_grad=True)
+        if cfg.train.compile:
+            ours.compile_layers()
+        runs[side] = TrainSteps(build_engine(cfg, ours, 1, bf16), batch, args.warmup)
+        memory[side] = memory_gb(device)  # before the twin trains: ours alone
+        attention[side] = AttentionSteps(cfg.model, resolved[side], batch["segment_ids"], dtype, args.warmup)
     if twin is not None:
         if cfg.deepspeed.activation_checkpointing:  # all of its layers: it has no partial setting
             twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -87,15 +120,16 @@ def bench_train(args: argparse.Namespace) -> int:
         runs["theirs"] = TrainSteps(build_engine(cfg, twin, 1, bf16), transformers_inputs(batch), args.warmup)
         # On a GPU, its peak less what ours holds; on CPU the process's peak (`ru_maxrss`) only grows.
         memory["theirs"] = round(memory_gb(device) - resident / 2**30, 3) if device.type == "cuda" else None
+    timed_runs = {**runs, **{f"{side} attention": steps for side, steps in attention.items()}}
     with _profiler(args.profile, device):
-        seconds = alternate(runs, args.steps, device)
+        seconds = alternate(timed_runs, args.steps, device)
     torch.distributed.destroy_process_group()
     if not env.is_main:
         return 0
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
     measured_peak = env.world_size * measure_peak_flops(device, dtype)
     logged_peak = peak_flops(cfg.logging, device, bf16)
+    segments = batch["segment_ids"]
     report = {
         "benchmark": "train",
         "config": str(args.config),
@@ -105,21 +139,25 @@ def bench_train(args: argparse.Namespace) -> int:
         "world_size": env.world_size,
         "micro_batch": rows,
         "seq_len": seq_len,
-        "images_per_row": args.images_per_row,
+        "rows": f"packed from {args.packed}" if args.packed else "synthetic, one document each",
+        "documents_per_row": round(_documents(segments) / rows, 2),
+        "padding": round(float((segments == 0).float().mean()), 4),
+        "images": len(batch["images"]),
         "zero_stage": cfg.deepspeed.zero_stage,
         "bf16": bf16,
         "activation_checkpointing": cfg.deepspeed.activation_checkpointing,
         "compile": cfg.train.compile,
-        "attention": model.attention_backend(device, dtype, needs_grad=True),
+        "attention": resolved.get("ours", cfg.model.attention),
         "steps": args.steps,
         "peak_tflops_measured": round(measured_peak / env.world_size / 1e12, 4),
         "peak_tflops_training_logs": logged_peak and logged_peak / 1e12,
     }
     # Every rank runs the same steps on batches of the same shape: rates count all of them.
     positions = env.world_size * rows * seq_len
-    images = env.world_size * rows * args.images_per_row
+    images = env.world_size * len(batch["images"])
     language, vision = language_flops_per_token(cfg.model, seq_len), vision_flops_per_image(cfg.model)
-    for side, times in seconds.items():
+    for side, run in runs.items():
+        times = seconds[side]
         step_s = statistics.median(times)
         mfu = flops_utilisation(positions, images, step_s, language, vision, measured_peak)
         report[side] = {
@@ -131,18 +169,66 @@ def bench_train(args: argparse.Namespace) -> int:
             "peak_memory_gb": memory[side],
             "mfu_language": round(mfu["language"], 4),
             "mfu_vision": round(mfu["vision"], 4),
-            "first_loss": round(runs[side].first_loss, 5),
+            "first_loss": round(run.first_loss, 5),
         }
+        if side in attention:
+            attention_s = statistics.median(seconds[f"{side} attention"])
+            report[side]["backend"] = resolved[side]
+            report[side]["attention_s"] = round(attention_s, 4)
+            report[side]["attention_share"] = round(attention_s / step_s, 3)
         if logged_peak:
             logged = flops_utilisation(
                 positions, images, step_s, language, vision, env.world_size * logged_peak
             )
             report[side]["mfu_training_logs"] = round(logged["language"] + logged["vision"], 4)
+    reference = next(iter(runs))
     if twin is not None:
         report["speedup"] = round(report["theirs"]["step_s"] / report["ours"]["step_s"], 3)
-    columns = ["step_s", "tokens_per_s", "samples_per_s", "peak_memory_gb", "mfu_language", "mfu_vision"]
-    print_report(report, args.json, [*columns, "first_loss"])
+    elif len(runs) > 1:
+        # Against the first backend listed, for the whole step and for its attention alone.
+        for side in list(runs)[1:]:
+            report[side]["step_speedup"] = round(report[reference]["step_s"] / report[side]["step_s"], 3)
+            report[side]["attention_speedup"] = round(
+                report[reference]["attention_s"] / report[side]["attention_s"], 3
+            )
+    columns = ["step_s", "tokens_per_s", "attention_s", "attention_share", "peak_memory_gb", "mfu_language"]
+    extra = ["step_speedup", "attention_speedup"] if len(runs) > 1 and twin is None else []
+    print_report(report, args.json, [*columns, *extra, "first_loss"], sides=list(runs))
     return 0
+
+
+def _documents(segments) -> int:
+    from kosmos.model.attention import document_runs
+
+    _, _, ids = document_runs(segments)
+    return int((ids != 0).sum())
+
+
+class AttentionSteps:
+    """The attention of one training step alone: the backend prepared for the batch's segments, then
+    forward and backward once per decoder layer, on random q, k, v of the model's shapes."""
+
+    def __init__(self, model_cfg, backend: str, segments, dtype, warmup: int):
+        import torch
+
+        text = model_cfg.text
+        batch, length = segments.shape
+        shape = (batch, text.heads, length, text.width // text.heads)
+        self.q, self.k, self.v = (
+            torch.randn(shape, device=segments.device, dtype=dtype).requires_grad_() for _ in range(3)
+        )
+        self.grad = torch.randn(shape, device=segments.device, dtype=dtype)
+        self.backend, self.segments, self.layers = backend, segments, text.layers
+        self.dropout = text.attention_dropout
+        for _ in range(warmup):
+            self()
+
+    def __call__(self) -> None:
+        from kosmos.model.attention import prepare_attention
+
+        attend = prepare_attention(self.backend, self.segments)
+        for _ in range(self.layers):
+            attend(self.q, self.k, self.v, self.dropout).backward(self.grad)
 
 
 class TrainSteps:
