@@ -171,3 +171,21 @@ def test_cuda_backends_train_like_the_dense_mask_in_bf16(tiny_config, backend):
     for name, grad in grads.items():  # bf16 kernels differ elementwise: compare directions
         similarity = F.cosine_similarity(grad.float().flatten(), ref_grads[name].float().flatten(), dim=0)
         assert similarity > 0.99, name
+
+
+def test_padded_documents_give_the_packed_loss(tiny_config):
+    """What `kosmos bench time-to-loss` feeds transformers' Kosmos-2: the packed pieces, one per
+    row, padded in micro-batches of a position budget; same loss summed over the labelled tokens."""
+    pytest.importorskip("transformers")
+    from kosmos.bench.common import transformers_twin
+    from kosmos.bench.time_to_loss import padded_batches, split_documents, theirs_micro_step
+
+    model = KosmosModel(tiny_config).train()
+    twin = transformers_twin(model).train()
+    batch = packed_batch(tiny_config, rows=3, seq_len=200)
+    documents = split_documents(batch, tiny_config.connector.num_queries)
+    padded = padded_batches(documents, budget=300)
+    assert len(padded) > 1 and all(b["input_ids"].numel() <= 300 for b in padded)
+    assert sum(len(b["input_ids"]) for b in padded) == int(batch["segment_ids"].max(1).values.sum())
+    theirs = sum(theirs_micro_step(twin, b) for b in padded)
+    torch.testing.assert_close(theirs, model(**batch).token_loss.sum(), atol=1e-3, rtol=1e-5)
