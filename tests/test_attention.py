@@ -7,46 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kosmos.bench.common import synthetic_batch
+from kosmos.bench.common import synthetic_batch, synthetic_packed_batch
 from kosmos.config import ConfigError
 from kosmos.model import KosmosModel, load_model_config
 from kosmos.model import attention as attention_module
 from kosmos.model.attention import DocumentBuckets, choose_backend
-from kosmos.tokenizer import IGNORE_INDEX
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-
-
-def packed_batch(cfg, rows: int, seq_len: int, seed: int = 0) -> dict:
-    """Rows packed with documents of many lengths (some with an image, some text only), the last
-    document of a row cut where the row ends or followed by padding, as the data pipeline packs."""
-    generator = torch.Generator().manual_seed(seed)
-    slots = cfg.connector.num_queries + 2
-    parts = {key: [] for key in ("input_ids", "image_mask", "labels", "position_ids", "segment_ids")}
-    images = []
-    for row in range(rows):
-        pieces, used, number = [], 0, 1
-        padding = int(torch.randint(0, seq_len // 4, (), generator=generator)) if row else 0
-        while used < seq_len - padding:
-            with_image = bool(torch.randint(0, 2, (), generator=generator))
-            low = slots + 4 if with_image else 2
-            length = min(int(torch.randint(low, low + 40, (), generator=generator)), seq_len - padding - used)
-            if length < low:  # too short for its image: the rest of the row is padding
-                break
-            doc = synthetic_batch(cfg, 1, length, int(with_image), seed=seed * 1000 + row * 100 + number)
-            doc["labels"][0, -1] = IGNORE_INDEX  # a document's last token predicts nothing in a row
-            doc["segment_ids"] *= number
-            pieces.append(doc)
-            images.append(doc["images"])
-            used, number = used + length, number + 1
-        for key, column in parts.items():
-            row_parts = [doc[key][0] for doc in pieces]
-            fill = {"input_ids": 1, "labels": IGNORE_INDEX}.get(key, 0)
-            row_parts.append(torch.full((seq_len - used,), fill, dtype=row_parts[0].dtype))
-            column.append(torch.cat(row_parts))
-    batch = {key: torch.stack(value) for key, value in parts.items()}
-    batch["images"] = torch.cat(images)
-    return batch
 
 
 def _logits_and_grads(model, batch):
@@ -67,7 +34,7 @@ def _twin(model, backend):
 
 
 def test_packed_batch_has_many_documents_padding_and_images(tiny_config):
-    batch = packed_batch(tiny_config, rows=3, seq_len=200)
+    batch = synthetic_packed_batch(tiny_config, rows=3, seq_len=200)
     segments = batch["segment_ids"]
     assert (segments.max(1).values >= 4).all()
     assert (segments == 0).any() and batch["image_mask"].any()
@@ -77,7 +44,7 @@ def test_packed_batch_has_many_documents_padding_and_images(tiny_config):
 def test_documents_backend_trains_like_the_dense_mask(tiny_config):
     reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).train()
     documents = _twin(reference, "documents")
-    batch = packed_batch(tiny_config, rows=3, seq_len=200)
+    batch = synthetic_packed_batch(tiny_config, rows=3, seq_len=200)
     logits, loss, grads = _logits_and_grads(documents, batch)
     ref_logits, ref_loss, ref_grads = _logits_and_grads(reference, batch)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
@@ -109,7 +76,7 @@ def test_flex_backend_forward_matches_the_dense_mask_on_cpu(tiny_config):
     cfg = dataclasses.replace(tiny_config, text=dataclasses.replace(tiny_config.text, layers=1))
     reference = KosmosModel(dataclasses.replace(cfg, attention="sdpa")).eval()
     flex = _twin(reference, "flex")
-    batch = packed_batch(cfg, rows=2, seq_len=160)
+    batch = synthetic_packed_batch(cfg, rows=2, seq_len=160)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     real = batch["segment_ids"] > 0
     with torch.no_grad():
@@ -162,7 +129,7 @@ def test_cuda_backends_train_like_the_dense_mask_in_bf16(tiny_config, backend):
         pytest.importorskip("flash_attn")
     reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).cuda().bfloat16().train()
     other = _twin(reference, backend).cuda().bfloat16()
-    batch = {k: v.cuda() for k, v in packed_batch(tiny_config, rows=3, seq_len=256).items()}
+    batch = {k: v.cuda() for k, v in synthetic_packed_batch(tiny_config, rows=3, seq_len=256).items()}
     batch["images"] = batch["images"].bfloat16()
     logits, loss, grads = _logits_and_grads(other, batch)
     ref_logits, ref_loss, ref_grads = _logits_and_grads(reference, batch)
@@ -182,7 +149,7 @@ def test_padded_documents_give_the_packed_loss(tiny_config):
 
     model = KosmosModel(tiny_config).train()
     twin = transformers_twin(model).train()
-    batch = packed_batch(tiny_config, rows=3, seq_len=200)
+    batch = synthetic_packed_batch(tiny_config, rows=3, seq_len=200)
     documents = split_documents(batch, tiny_config.connector.num_queries)
     padded = padded_batches(documents, budget=300)
     assert len(padded) > 1 and all(b["input_ids"].numel() <= 300 for b in padded)

@@ -85,6 +85,46 @@ def synthetic_batch(model_cfg, rows: int, seq_len: int, images_per_row: int, see
     }
 
 
+def synthetic_packed_batch(cfg, rows: int, seq_len: int, seed: int = 0, spread: int = 40) -> dict:
+    """Rows packed with documents of random lengths (half with one image, each `spread` lengths
+    above the shortest possible), then padding (little in the first row), as the data pipeline packs
+    them; random token ids and images."""
+    import torch
+
+    from kosmos.tokenizer import IGNORE_INDEX
+
+    generator = torch.Generator().manual_seed(seed)
+    slots = cfg.connector.num_queries + 2
+    parts = {key: [] for key in ("input_ids", "image_mask", "labels", "position_ids", "segment_ids")}
+    images = []
+    for row in range(rows):
+        pieces, used, number = [], 0, 1
+        padding = int(torch.randint(0, seq_len // 4, (), generator=generator)) if row else 0
+        while used < seq_len - padding:
+            with_image = bool(torch.randint(0, 2, (), generator=generator))
+            low = slots + 4 if with_image else 2
+            length = min(
+                int(torch.randint(low, low + spread, (), generator=generator)), seq_len - padding - used
+            )
+            if length < low:  # too short for its image: the rest of the row is padding
+                break
+            doc_seed = int(torch.randint(2**31, (), generator=generator))
+            doc = synthetic_batch(cfg, 1, length, int(with_image), seed=doc_seed)
+            doc["labels"][0, -1] = IGNORE_INDEX  # a document's last token predicts nothing in a row
+            doc["segment_ids"] *= number
+            pieces.append(doc)
+            images.append(doc["images"])
+            used, number = used + length, number + 1
+        for key, column in parts.items():
+            row_parts = [doc[key][0] for doc in pieces]
+            fill = {"input_ids": 1, "labels": IGNORE_INDEX}.get(key, 0)
+            row_parts.append(torch.full((seq_len - used,), fill, dtype=row_parts[0].dtype))
+            column.append(torch.cat(row_parts))
+    batch = {key: torch.stack(value) for key, value in parts.items()}
+    batch["images"] = torch.cat(images)
+    return batch
+
+
 def packed_rows(cfg, corpus: str) -> dict:
     """One micro-batch of the config's shape, its rows packed by the data loader from the documents
     of the config's corpus named `corpus` (DESIGN section 3; several documents per row)."""
