@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 
-from kosmos.bench import data, generate, time_to_loss, train
+from kosmos.bench import data, generate, gpu, time_to_loss, train
 
-BENCHMARKS = (train, generate, data, time_to_loss)
+BENCHMARKS = (train, generate, data, time_to_loss, gpu)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
