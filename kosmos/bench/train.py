@@ -105,14 +105,22 @@ def bench_train(args: argparse.Namespace) -> int:
         sides[backend] = KosmosModel(dataclasses.replace(cfg.model, attention=backend))
         sides[backend].load_state_dict(model.state_dict())
     runs, memory, attention, resolved = {}, {}, {}, {}
+    segments = batch["segment_ids"]
     for side, ours in sides.items():
+        # The attention alone, forward only (as evaluation runs it), and forward and backward.
+        forward = ours.attention_backend(device, dtype, needs_grad=False)
+        attention[f"{side} forward"] = AttentionSteps(cfg.model, forward, segments, dtype, args.warmup, False)
+        if args.attention and not _trains(ours, device, dtype):
+            continue  # a backend with a forward pass only here (FlexAttention on CPU)
         ours.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
         resolved[side] = ours.attention_backend(device, dtype, needs_grad=True)
         if cfg.train.compile:
             ours.compile_layers()
         runs[side] = TrainSteps(build_engine(cfg, ours, 1, bf16), batch, args.warmup)
         memory[side] = memory_gb(device)  # before the twin trains: ours alone
-        attention[side] = AttentionSteps(cfg.model, resolved[side], batch["segment_ids"], dtype, args.warmup)
+        attention[f"{side} attention"] = AttentionSteps(
+            cfg.model, resolved[side], segments, dtype, args.warmup
+        )
     if twin is not None:
         if cfg.deepspeed.activation_checkpointing:  # all of its layers: it has no partial setting
             twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -120,7 +128,7 @@ def bench_train(args: argparse.Namespace) -> int:
         runs["theirs"] = TrainSteps(build_engine(cfg, twin, 1, bf16), transformers_inputs(batch), args.warmup)
         # On a GPU, its peak less what ours holds; on CPU the process's peak (`ru_maxrss`) only grows.
         memory["theirs"] = round(memory_gb(device) - resident / 2**30, 3) if device.type == "cuda" else None
-    timed_runs = {**runs, **{f"{side} attention": steps for side, steps in attention.items()}}
+    timed_runs = {**runs, **attention}
     with _profiler(args.profile, device):
         seconds = alternate(timed_runs, args.steps, device)
     torch.distributed.destroy_process_group()
@@ -129,7 +137,6 @@ def bench_train(args: argparse.Namespace) -> int:
 
     measured_peak = env.world_size * measure_peak_flops(device, dtype)
     logged_peak = peak_flops(cfg.logging, device, bf16)
-    segments = batch["segment_ids"]
     report = {
         "benchmark": "train",
         "config": str(args.config),
@@ -156,24 +163,30 @@ def bench_train(args: argparse.Namespace) -> int:
     positions = env.world_size * rows * seq_len
     images = env.world_size * len(batch["images"])
     language, vision = language_flops_per_token(cfg.model, seq_len), vision_flops_per_image(cfg.model)
+    for side in sides:
+        report[side] = {
+            "backend": resolved.get(side, "forward only"),
+            "attention_forward_s": round(statistics.median(seconds[f"{side} forward"]), 4),
+        }
     for side, run in runs.items():
         times = seconds[side]
         step_s = statistics.median(times)
         mfu = flops_utilisation(positions, images, step_s, language, vision, measured_peak)
-        report[side] = {
-            "step_s": round(step_s, 4),
-            "step_s_mean": round(statistics.fmean(times), 4),
-            "tokens_per_s": round(positions / step_s, 1),
-            "samples_per_s": round(env.world_size * rows / step_s, 3),
-            "images_per_s": round(images / step_s, 3),
-            "peak_memory_gb": memory[side],
-            "mfu_language": round(mfu["language"], 4),
-            "mfu_vision": round(mfu["vision"], 4),
-            "first_loss": round(run.first_loss, 5),
-        }
-        if side in attention:
+        report.setdefault(side, {}).update(
+            {
+                "step_s": round(step_s, 4),
+                "step_s_mean": round(statistics.fmean(times), 4),
+                "tokens_per_s": round(positions / step_s, 1),
+                "samples_per_s": round(env.world_size * rows / step_s, 3),
+                "images_per_s": round(images / step_s, 3),
+                "peak_memory_gb": memory[side],
+                "mfu_language": round(mfu["language"], 4),
+                "mfu_vision": round(mfu["vision"], 4),
+                "first_loss": round(run.first_loss, 5),
+            }
+        )
+        if side in resolved:
             attention_s = statistics.median(seconds[f"{side} attention"])
-            report[side]["backend"] = resolved[side]
             report[side]["attention_s"] = round(attention_s, 4)
             report[side]["attention_share"] = round(attention_s / step_s, 3)
         if logged_peak:
@@ -181,19 +194,30 @@ def bench_train(args: argparse.Namespace) -> int:
                 positions, images, step_s, language, vision, env.world_size * logged_peak
             )
             report[side]["mfu_training_logs"] = round(logged["language"] + logged["vision"], 4)
-    reference = next(iter(runs))
+    reference = next(iter(sides))
     if twin is not None:
         report["speedup"] = round(report["theirs"]["step_s"] / report["ours"]["step_s"], 3)
-    elif len(runs) > 1:
-        # Against the first backend listed, for the whole step and for its attention alone.
-        for side in list(runs)[1:]:
-            report[side]["step_speedup"] = round(report[reference]["step_s"] / report[side]["step_s"], 3)
-            report[side]["attention_speedup"] = round(
-                report[reference]["attention_s"] / report[side]["attention_s"], 3
-            )
-    columns = ["step_s", "tokens_per_s", "attention_s", "attention_share", "peak_memory_gb", "mfu_language"]
-    extra = ["step_speedup", "attention_speedup"] if len(runs) > 1 and twin is None else []
-    print_report(report, args.json, [*columns, *extra, "first_loss"], sides=list(runs))
+    elif len(sides) > 1:
+        # Against the first backend listed: the whole step, its attention, the attention's forward.
+        first = report[reference]
+        for side in list(sides)[1:]:
+            this = report[side]
+            if side in runs and reference in runs:
+                this["step_speedup"] = round(first["step_s"] / this["step_s"], 3)
+                this["attention_speedup"] = round(first["attention_s"] / this["attention_s"], 3)
+            this["forward_speedup"] = round(first["attention_forward_s"] / this["attention_forward_s"], 3)
+    columns = [
+        "step_s",
+        "tokens_per_s",
+        "attention_s",
+        "attention_share",
+        "attention_forward_s",
+        "mfu_language",
+    ]
+    extra = (
+        ["step_speedup", "attention_speedup", "forward_speedup"] if len(sides) > 1 and twin is None else []
+    )
+    print_report(report, args.json, [*columns, *extra, "first_loss"], sides=[*sides, "theirs"])
     return 0
 
 
@@ -204,31 +228,45 @@ def _documents(segments) -> int:
     return int((ids != 0).sum())
 
 
-class AttentionSteps:
-    """The attention of one training step alone: the backend prepared for the batch's segments, then
-    forward and backward once per decoder layer, on random q, k, v of the model's shapes."""
+def _trains(model, device, dtype) -> bool:
+    try:
+        model.attention_backend(device, dtype, needs_grad=True)
+    except ConfigError:
+        return False
+    return True
 
-    def __init__(self, model_cfg, backend: str, segments, dtype, warmup: int):
+
+class AttentionSteps:
+    """The attention of one step alone: the backend prepared for the batch's segments, then once per
+    decoder layer its forward and (`backward`) backward, on random q, k, v of the model's shapes."""
+
+    def __init__(self, model_cfg, backend: str, segments, dtype, warmup: int, backward: bool = True):
         import torch
 
         text = model_cfg.text
         batch, length = segments.shape
         shape = (batch, text.heads, length, text.width // text.heads)
         self.q, self.k, self.v = (
-            torch.randn(shape, device=segments.device, dtype=dtype).requires_grad_() for _ in range(3)
+            torch.randn(shape, device=segments.device, dtype=dtype).requires_grad_(backward) for _ in range(3)
         )
         self.grad = torch.randn(shape, device=segments.device, dtype=dtype)
         self.backend, self.segments, self.layers = backend, segments, text.layers
-        self.dropout = text.attention_dropout
+        self.backward = backward
+        self.dropout = text.attention_dropout if backward else 0.0
         for _ in range(warmup):
             self()
 
     def __call__(self) -> None:
+        import torch
+
         from kosmos.model.attention import prepare_attention
 
-        attend = prepare_attention(self.backend, self.segments)
-        for _ in range(self.layers):
-            attend(self.q, self.k, self.v, self.dropout).backward(self.grad)
+        with torch.set_grad_enabled(self.backward):
+            attend = prepare_attention(self.backend, self.segments)
+            for _ in range(self.layers):
+                out = attend(self.q, self.k, self.v, self.dropout)
+                if self.backward:
+                    out.backward(self.grad)
 
 
 class TrainSteps:
