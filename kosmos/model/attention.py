@@ -136,7 +136,6 @@ class DocumentBuckets:
     """
 
     def __init__(self, segments: torch.Tensor):
-        self.shape = segments.shape
         starts, lengths, ids = (t.cpu() for t in document_runs(segments))
         real = ids != 0
         self.whole_rows = bool(real.all()) and len(starts) == segments.shape[0]
