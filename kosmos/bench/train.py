@@ -76,7 +76,7 @@ def bench_train(args: argparse.Namespace) -> int:
     import torch
 
     from kosmos.model import KosmosModel, language_flops_per_token, vision_flops_per_image
-    from kosmos.model.attention import BACKENDS
+    from kosmos.model.attention import BACKENDS, choose_backend
     from kosmos.train.engine import build_engine, init_distributed, use_bf16
     from kosmos.train.metrics import flops_utilisation, peak_flops
 
@@ -107,8 +107,8 @@ def bench_train(args: argparse.Namespace) -> int:
     runs, memory, attention, resolved = {}, {}, {}, {}
     segments = batch["segment_ids"]
     for side, ours in sides.items():
-        # The attention alone, forward only (as evaluation runs it), and forward and backward.
-        forward = ours.attention_backend(device, dtype, needs_grad=False)
+        # The attention alone, forward only (as evaluation runs it: no dropout), and forward and backward.
+        forward = choose_backend(ours.cfg.attention, device, dtype, needs_grad=False, dropout=False)
         attention[f"{side} forward"] = AttentionSteps(cfg.model, forward, segments, dtype, args.warmup, False)
         if args.attention and not _trains(ours, device, dtype):
             continue  # a backend with a forward pass only here (FlexAttention on CPU)
