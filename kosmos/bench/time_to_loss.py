@@ -89,7 +89,7 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
         "micro_batch_positions": budget,
         "smooth": args.smooth,
         "target_loss": round(target, 4),
-        "max_loss_gap": round(max(abs(a - b) for a, b in zip(*(s.losses for s in sides.values()))), 5),
+        "max_loss_gap": float(f"{max(abs(a - b) for a, b in zip(*(s.losses for s in sides.values()))):.2e}"),
     }
     for name, side in sides.items():
         reached = next((i for i, loss in enumerate(smoothed[name]) if loss <= target), None)
