@@ -167,3 +167,20 @@ def test_gpu_benchmark_checks_backends_and_skips_without_cuda(tiny_config, capsy
     if not torch.cuda.is_available():
         assert main(["bench", "gpu", "--out", "unused.json"]) == 0
         assert "skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_its_parts_as_bench_commands():
+    import argparse
+    import time
+
+    from kosmos.bench.gpu import _subcommand
+
+    small = ["model.text.layers=1", "model.vision.layers=1", "model.vision.trainable_blocks=1"]
+    args = argparse.Namespace(config="configs/model/tiny.yaml", overrides=small)
+    command = ["generate", "--steps", "1", "--warmup", "1", "--new-tokens", "4"]
+    report = _subcommand(args, command, time.monotonic() + 300, "model.text.heads=2")
+    assert report["benchmark"] == "generate" and report["ours"]["tokens_per_s"] > 0
+    assert _subcommand(args, command, time.monotonic() + 10) == {"skipped": "out of time budget"}
+    failed = _subcommand(args, command, time.monotonic() + 300, "model.text.heads=3")
+    assert "model.text.heads" in failed["error"]

@@ -70,15 +70,9 @@ def bench_gpu(args: argparse.Namespace) -> int:
     _save(report, args.out)
     report["train"] = {}
     for stage in args.stages.split(","):
-        command = [
-            "train",
-            "--steps",
-            str(args.train_steps),
-            "--warmup",
-            "2",
-            f"deepspeed.zero_stage={stage}",
-        ]
-        report["train"][f"zero{stage}"] = _subcommand(args, command, deadline)
+        command = ["train", "--steps", str(args.train_steps), "--warmup", "2"]
+        stage_override = f"deepspeed.zero_stage={stage}"
+        report["train"][f"zero{stage}"] = _subcommand(args, command, deadline, stage_override)
         _save(report, args.out)
     report["generate"] = _subcommand(
         args, ["generate", "--batch", "8", "--new-tokens", "64", "--steps", "3"], deadline
@@ -186,22 +180,14 @@ def time_backends(model_cfg, seq_len: int, device, backends: list[str], repeats:
     return results
 
 
-def _subcommand(args: argparse.Namespace, command: list[str], deadline: float) -> dict:
+def _subcommand(args: argparse.Namespace, command: list[str], deadline: float, *overrides: str) -> dict:
     """One `kosmos bench ... --json` in a process of its own, within what is left of the budget."""
     left = deadline - time.monotonic()
     if left < 30:
         return {"skipped": "out of time budget"}
-    full = [
-        sys.executable,
-        "-m",
-        "kosmos",
-        "bench",
-        *command,
-        "--config",
-        args.config,
-        "--json",
-        *args.overrides,
-    ]
+    # Overrides last: argparse takes the positional key=value list in one piece, after the options.
+    full = [sys.executable, "-m", "kosmos", "bench", *command, "--config", args.config, "--json"]
+    full += [*args.overrides, *overrides]
     try:
         run = subprocess.run(full, capture_output=True, text=True, timeout=left, check=False)
     except subprocess.TimeoutExpired:

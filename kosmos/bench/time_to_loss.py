@@ -20,6 +20,7 @@ import sys
 import time
 
 from kosmos.bench.common import machine, synchronize, transformers_twin
+from kosmos.config import ConfigError
 
 
 def register(benches: argparse._SubParsersAction) -> None:
@@ -51,6 +52,8 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
     from kosmos.tokenizer import Tokenizer
     from kosmos.train.config import check_inputs, load_train_config
 
+    if args.steps < 1 or args.smooth < 1:
+        raise ConfigError("--steps and --smooth: must be at least 1")
     cfg = load_train_config(args.config, args.overrides)
     check_inputs(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +82,7 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
             print(f"step {index}: {losses}", file=sys.stderr)
 
     smoothed = {name: moving_average(side.losses, args.smooth) for name, side in sides.items()}
+    gap = max(abs(a - b) for a, b in zip(sides["ours"].losses, sides["theirs"].losses))
     target = args.target if args.target is not None else max(s[-1] for s in smoothed.values())
     report = {
         "benchmark": "time-to-loss",
@@ -89,7 +93,7 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
         "micro_batch_positions": budget,
         "smooth": args.smooth,
         "target_loss": round(target, 4),
-        "max_loss_gap": float(f"{max(abs(a - b) for a, b in zip(*(s.losses for s in sides.values()))):.2e}"),
+        "max_loss_gap": float(f"{gap:.2e}"),
     }
     for name, side in sides.items():
         reached = next((i for i, loss in enumerate(smoothed[name]) if loss <= target), None)
