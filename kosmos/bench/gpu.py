@@ -2,7 +2,7 @@
 
 1. attention: every packed-row backend that runs here against the dense-mask reference, in bf16 on
    packed rows of the configured model (two decoder layers, no dropout): logits and gradients; then
-   each one's attention time (forward and backward of one layer) on packed caption-like rows of the
+   each one's attention time (forward and backward of one layer) on packed rows of short documents of the
    configured shape and sequence length.
 2. train: `kosmos bench train` of the configured model for a few steps per ZeRO stage (tokens/s, MFU,
    peak memory), each in a process of its own so that one stage's memory does not stay for the next.
@@ -155,8 +155,8 @@ def _logits_and_grads(model, batch: dict, real) -> tuple:
 
 
 def time_backends(model_cfg, seq_len: int, device, backends: list[str], repeats: int = 10) -> dict:
-    """Attention of one layer (forward and backward) on packed caption-like rows: documents of one
-    image and a short caption, as the caption corpus packs them."""
+    """Attention of one layer (forward and backward) on packed rows of short documents: half of them
+    one image and up to 40 tokens of text (a caption pair), half up to 40 tokens of text."""
     import torch
 
     from kosmos.bench.train import AttentionSteps
