@@ -2,8 +2,8 @@
 
 1. attention: every packed-row backend that runs here against the dense-mask reference, in bf16 on
    packed rows of the configured model (two decoder layers, no dropout): logits and gradients; then
-   each one's attention time (forward and backward of one layer) on packed rows of short documents of the
-   configured shape and sequence length.
+   each one's attention time (forward and backward of one layer) on packed rows of short documents,
+   at the configured model's shapes and sequence length.
 2. train: `kosmos bench train` of the configured model for a few steps per ZeRO stage (tokens/s, MFU,
    peak memory), each in a process of its own so that one stage's memory does not stay for the next.
 3. generate: `kosmos bench generate` (greedy decoding with a KV cache, a batch of prompts).
