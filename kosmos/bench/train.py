@@ -29,7 +29,7 @@ from kosmos.config import ConfigError
 
 
 def register(benches: argparse._SubParsersAction) -> None:
-    train = benches.add_parser("train", help="training steps (DeepSpeed engine, synthetic batches)")
+    train = benches.add_parser("train", help="training steps (DeepSpeed engine; synthetic rows or --packed real ones)")
     add_common_arguments(train, steps=10, warmup=3)
     train.add_argument("--images-per-row", type=int, default=1, help="images in each row (default 1)")
     train.add_argument(
