@@ -64,6 +64,17 @@ def test_documents_backend_on_rows_of_one_document_each(tiny_config):
         torch.testing.assert_close(documents(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-4)
 
 
+def test_documents_backend_trains_with_attention_dropout(tiny_config):
+    text = dataclasses.replace(tiny_config.text, attention_dropout=0.5, layers=1)
+    model = KosmosModel(dataclasses.replace(tiny_config, text=text, attention="documents")).train()
+    batch = synthetic_packed_batch(model.cfg, rows=2, seq_len=120)
+    losses = [model(**batch).loss for _ in range(2)]
+    losses[0].backward()
+    assert torch.isfinite(losses[0]) and losses[0] != losses[1]  # a fresh dropout mask each forward
+    with torch.no_grad():
+        assert model.eval()(**batch).loss == model(**batch).loss  # none in evaluation
+
+
 def test_document_buckets_group_similar_lengths():
     lengths = [300, 290, 250, 120, 100, 30, 5, 2]
     segments = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]).unsqueeze(0)
