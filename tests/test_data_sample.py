@@ -1,9 +1,13 @@
-"""The embedded sample corpus, its held-out eval sets, `kosmos data inspect` and `kosmos bench data`."""
+"""The embedded sample corpus, its held-out eval sets, `kosmos data inspect` and the benchmarks that
+read it (`kosmos bench data`, `bench train --packed`, `bench time-to-loss`)."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -118,3 +122,36 @@ def test_bench_data_reports_loader_and_bare_loop(sample, tmp_path, capsys):
     for name in ("loader", "bare"):
         assert report[name]["samples_per_s"] > 0 and report[name]["tokens_per_s"] > 0
     assert report["loader_vs_bare"] > 0
+
+
+def test_bench_time_to_loss_trains_both_sides_alike(sample, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    config = train_config(sample, tmp_path, num_workers=0)
+    small = ["model.text.layers=1", "model.vision.layers=1", "model.vision.trainable_blocks=1"]
+    assert main(["bench", "time-to-loss", "--config", str(config), "--steps", "2", "--json", *small]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, theirs = report["ours"], report["theirs"]
+    # Same documents and weights: the same losses, though theirs are padded into more positions.
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-4)
+    assert report["max_loss_gap"] < 1e-3
+    assert ours["labelled_per_step"] == theirs["labelled_per_step"]
+    assert theirs["positions_per_step"] > ours["positions_per_step"] - 1
+    assert ours["steps_to_target"] is not None and report["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_bench_train_compares_backends_on_packed_rows(sample, tmp_path):
+    config = train_config(sample, tmp_path, num_workers=0)
+    command = [
+        *(sys.executable, "-m", "kosmos", "bench", "train", "--config", str(config), "--json"),
+        *("--steps", "1", "--warmup", "1", "--packed", "caption", "--attention", "sdpa,documents,flex"),
+        *("model.text.layers=1", "model.vision.layers=1", "model.vision.trainable_blocks=1"),
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["documents_per_row"] > 2 and report["rows"] == "packed from caption"
+    assert report["sdpa"]["first_loss"] == pytest.approx(report["documents"]["first_loss"], abs=1e-5)
+    assert 0 < report["documents"]["attention_share"] < 1
+    assert report["flex"]["backend"] == "forward only" and report["flex"]["attention_forward_s"] > 0

@@ -19,6 +19,7 @@ every sample of the epoch is still read once, though batches differ from the uni
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import shutil
 import signal
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kosmos.config import ConfigError
 from kosmos.data import sources
-from kosmos.data.config import DataConfig
+from kosmos.data.config import CorpusConfig, DataConfig
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.packing import RowPacker, collate
 from kosmos.data.shards import CorpusIndex, read_index
@@ -94,6 +95,58 @@ def read_options(cfg: DataConfig) -> sources.ReadOptions:
         cache_bytes=cfg.cache_mb << 20,
         cache_dir=cfg.cache_dir,
     )
+
+
+def check_streams(virtual: int, world_size: int, num_workers: int) -> None:
+    """A physical stream (one rank's loader worker) serves one or more virtual streams, never part of one."""
+    if world_size * num_workers > virtual:
+        raise ConfigError(
+            f"data.virtual_streams: {virtual} virtual streams can feed at most {virtual} physical streams "
+            f"(ranks x workers), not {world_size} x {num_workers} = {world_size * num_workers}; "
+            f"use fewer ranks or workers"
+        )
+
+
+@contextlib.contextmanager
+def corpus_reader(
+    cfg: DataConfig,
+    corpus: CorpusConfig,
+    index: CorpusIndex,
+    tokenizer: Tokenizer,
+    image_size: int,
+    num_image_tokens: int,
+) -> Iterator[CorpusStream]:
+    """The whole of one corpus as a single stream in its epoch order, read as training reads it
+    (sources, cache, decoding, skip counting): for a look at a corpus outside training."""
+    cache: list[sources.ShardCache] = []
+
+    def shard_cache() -> sources.ShardCache:
+        if not cache:
+            cache.append(sources.ShardCache(None, read_options(cfg)))
+        return cache[0]
+
+    stream = CorpusStream(
+        corpus,
+        index,
+        tokenizer,
+        image_transform(image_size),
+        image_size,
+        num_image_tokens,
+        cfg.seq_len,
+        cfg.seed,
+        streams=range(1),
+        num_streams=1,
+        spans=cfg.shuffle_spans,
+        window=cfg.shuffle_window,
+        opener=ShardOpener(index, shard_cache),
+        max_skip_fraction=cfg.max_skip_fraction,
+    )
+    try:
+        yield stream
+    finally:
+        stream.close()
+        for each in cache:
+            each.close()
 
 
 class StepBuilder:
@@ -272,7 +325,7 @@ class StepLoader:
         self.world_size = world_size
         self.num_workers = max(1, cfg.num_workers)
         self.virtual_streams = cfg.virtual_streams or self.physical_streams
-        self._check_streams(self.virtual_streams)
+        check_streams(self.virtual_streams, self.world_size, self.num_workers)
         self.rows_per_step = rows_per_step(cfg, indexes, world_size, num_image_tokens, self.virtual_streams)
         self.micro_batches_per_step = sum(self.rows_per_step.values()) // cfg.micro_batch_size
         self.step = 0
@@ -289,14 +342,6 @@ class StepLoader:
     @property
     def physical_streams(self) -> int:
         return self.world_size * self.num_workers
-
-    def _check_streams(self, virtual: int) -> None:
-        if self.physical_streams > virtual:
-            raise ConfigError(
-                f"data.virtual_streams: {virtual} virtual streams can feed at most {virtual} physical streams "
-                f"(ranks x workers), not {self.world_size} x {self.num_workers} = {self.physical_streams}; "
-                f"use fewer ranks or workers"
-            )
 
     def cache_root(self) -> str | None:
         """A folder for the workers' caches of remote shards (removed with the loader); None if every
@@ -420,7 +465,7 @@ class StepLoader:
             )
         if len({s["step"] for s in states}) > 1 or len({s["virtual_streams"] for s in states}) > 1:
             raise ConfigError("data: the loader states of the ranks disagree on step or virtual streams")
-        self._check_streams(virtual)
+        check_streams(virtual, self.world_size, self.num_workers)
         self.rows_per_step = rows_per_step(
             self.cfg, self.indexes, self.world_size, self.num_image_tokens, virtual
         )

@@ -440,11 +440,19 @@ class CorpusStream:
             self.turn = (self.turn + 1) % len(self.virtual)
             return document, offset
 
+    @property
+    def skipped(self) -> Counter[str]:
+        """Samples skipped so far by reason, over this stream's virtual streams."""
+        total: Counter[str] = Counter()
+        for stream in self.virtual:
+            total.update(stream.skipped)
+        return total
+
     def _check_health(self) -> None:
         """Stop when the corpus can no longer feed this stream: nothing usable in two corpora's worth
         of samples in a row, or more than `max_skip_fraction` of the samples tried skipped."""
         tried = sum(s.tried for s in self.virtual)
-        skipped = sum(sum(s.skipped.values()) for s in self.virtual)
+        skipped = sum(self.skipped.values())
         shards = len(self.index.shards)
         judged = tried >= max(
             MIN_TRIED_FOR_FRACTION, MIN_SHARDS_FOR_FRACTION * self.index.num_samples / shards
@@ -458,9 +466,7 @@ class CorpusStream:
             )
         else:
             return
-        reasons = Counter()
-        for s in self.virtual:
-            reasons.update(s.skipped)
+        reasons = self.skipped
         shards_failed = "; ".join(f"{name} ({error})" for name, error in self._failed_shards.items())
         raise DataError(
             f"corpus {self.corpus.name} ({sources.redact(self.corpus.path)}) can no longer feed its share of "

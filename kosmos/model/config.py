@@ -74,8 +74,10 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
-    # "auto": flash-attn on CUDA in half precision when it is installed, else PyTorch SDPA.
-    attention: Literal["auto", "sdpa", "flash"] = "auto"
+    # Attention over packed rows (kosmos/model/attention.py): "sdpa" (dense document mask, the
+    # reference), "documents", "flex", "varlen", "flash"; "auto" picks the fastest that runs on the
+    # device, dtype and pass at hand.
+    attention: Literal["auto", "sdpa", "documents", "flex", "varlen", "flash"] = "auto"
 
 
 def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:

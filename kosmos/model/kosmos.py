@@ -17,15 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kosmos.model.attention import choose_backend, prepare_attention, segment_mask
 from kosmos.model.config import ModelConfig, TextConfig
 from kosmos.model.loss import token_cross_entropy
 from kosmos.model.vision import VisionEncoder
 from kosmos.tokenizer import IGNORE_INDEX, PAD
-
-try:
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
 
 
 class KVCache:
@@ -144,33 +140,6 @@ def check_image_slots(image_mask: torch.Tensor | None, num_images: int, slots_pe
         raise ValueError(f"{num_images} images need {wanted} image slots, the batch has {slots}")
 
 
-def segment_mask(q_segments: torch.Tensor, k_segments: torch.Tensor) -> torch.Tensor:
-    """[B, 1, Tq, Tk] bool: query attends key iff same segment and key not in the future.
-
-    Queries are the last Tq of the Tk positions (a KV cache holds the earlier ones).
-    """
-    tq, tk = q_segments.shape[1], k_segments.shape[1]
-    causal = torch.ones(tq, tk, dtype=torch.bool, device=q_segments.device).tril(tk - tq)
-    same = q_segments.unsqueeze(2) == k_segments.unsqueeze(1)
-    return (same & causal).unsqueeze(1)
-
-
-def flash_sequences(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """flash-attn varlen arguments for packed rows: the cumulative lengths of the runs of equal
-    segment ids, rows laid end to end, and a bound on their length.
-
-    The bound is the row length: flash-attn only sizes its grid with it, and the true maximum would
-    cost a host sync (and make a compiled block recompile whenever it changes).
-    """
-    flat = segments.flatten()
-    change = torch.ones_like(flat, dtype=torch.bool)
-    change[1:] = flat[1:] != flat[:-1]
-    change[:: segments.shape[1]] = True
-    starts = change.nonzero().flatten()  # the one host sync of a packed forward
-    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-    return cu, segments.shape[1]
-
-
 class Attention(nn.Module):
     """Multi-head attention with biases; the decoder's adds Magneto's LayerNorm before out_proj."""
 
@@ -194,7 +163,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = False,
-        flash: tuple[torch.Tensor, int] | None = None,
+        documents: Callable[..., torch.Tensor] | None = None,
         xpos: XPos | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -210,8 +179,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if flash is not None:
-            out = self._flash(q, k, v, *flash, dropout)
+        if documents is not None:  # packed rows (kosmos.model.attention)
+            out = documents(q, k, v, dropout)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None
@@ -220,14 +189,6 @@ class Attention(nn.Module):
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
         return self.out_proj(out)
-
-    @staticmethod
-    def _flash(q, k, v, cu, max_len, dropout):
-        # Packed documents become separate variable-length sequences: no mask is materialised.
-        b, h, t, d = q.shape
-        q, k, v = (y.transpose(1, 2).reshape(b * t, h, d) for y in (q, k, v))
-        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, causal=True)
-        return out.reshape(b, t, h, d).transpose(1, 2)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -327,14 +288,10 @@ class KosmosModel(nn.Module):
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
-    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
-        choice = self.cfg.attention
-        if choice == "auto":
-            usable = flash_attn_varlen_func is not None and device.type == "cuda"
-            return "flash" if usable and dtype in (torch.float16, torch.bfloat16) else "sdpa"
-        if choice == "flash" and flash_attn_varlen_func is None:
-            raise RuntimeError("attention: flash was asked for but flash-attn is not installed")
-        return choice
+    def attention_backend(self, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
+        """The backend `model.attention` gives for packed rows on this device, dtype and pass."""
+        dropout = self.training and self.cfg.text.attention_dropout > 0
+        return choose_backend(self.cfg.attention, device, dtype, needs_grad, dropout)
 
     def embed(
         self, input_ids: torch.Tensor, image_mask: torch.Tensor | None, images: torch.Tensor | None
@@ -375,10 +332,9 @@ class KosmosModel(nn.Module):
                 attention["mask"] = segment_mask(segments, key_segments)
         elif segment_ids is None:
             attention["causal"] = True
-        elif self.attention_backend(x.device, x.dtype) == "flash":
-            attention["flash"] = flash_sequences(segment_ids)
         else:
-            attention["mask"] = segment_mask(segment_ids, segment_ids)
+            backend = self.attention_backend(x.device, x.dtype, torch.is_grad_enabled())
+            attention["documents"] = prepare_attention(backend, segment_ids)
 
         checkpointing = self.gradient_checkpointing
         checkpointed = len(self.layers) if checkpointing is True else int(checkpointing)

@@ -62,29 +62,25 @@ def probe_corpora(cfg: TrainConfig, indexes: dict, tokenizer, documents: int) ->
     """Read the first `documents` usable documents of every corpus (`indexes` by name) with the
     loader's code."""
     from kosmos.data import DataError
-    from kosmos.data.decode import image_transform
-    from kosmos.data.stream import CorpusStream
+    from kosmos.data.loader import corpus_reader
 
     model = cfg.model
-    transform = image_transform(model.vision.image_size)
     probes = {}
     for i, corpus in enumerate(cfg.data.corpora):
         index = indexes[corpus.name]
-        stream = CorpusStream(
-            corpus, index, tokenizer, transform, model.vision.image_size, model.connector.num_queries,
-            cfg.data.seq_len, cfg.data.seed, stream=0, num_streams=1,
-        )
         positions = images = labelled = 0
+        reader = corpus_reader(
+            cfg.data, corpus, index, tokenizer, model.vision.image_size, model.connector.num_queries
+        )
         try:
-            for _ in range(min(documents, index.num_samples)):
-                document = stream.next_document()
-                positions += len(document)
-                images += len(document.images)
-                labelled += int((document.labels != -100).sum())
+            with reader as stream:
+                for _ in range(min(documents, index.num_samples)):
+                    document, _ = stream.next_document()
+                    positions += len(document)
+                    images += len(document.images)
+                    labelled += int((document.labels != -100).sum())
         except DataError as error:
             raise ConfigError(f"data.corpora[{i}].path: {error}") from None
-        finally:
-            stream.close()
         probes[corpus.name] = {
             "path": corpus.path,
             "samples": index.num_samples,
@@ -100,7 +96,7 @@ def probe_corpora(cfg: TrainConfig, indexes: dict, tokenizer, documents: int) ->
 
 def validate(cfg: TrainConfig, world_size: int, documents: int) -> dict:
     """Every check a launch on `world_size` ranks would make before training; ConfigError if not."""
-    from kosmos.data.loader import rows_per_step
+    from kosmos.data.loader import check_streams, rows_per_step
     from kosmos.data.shards import read_index
     from kosmos.model import VisionWeightsError, check_vision_weights
     from kosmos.tokenizer import Tokenizer
@@ -108,7 +104,10 @@ def validate(cfg: TrainConfig, world_size: int, documents: int) -> dict:
     check_inputs(cfg)
     tokenizer = Tokenizer(cfg.tokenizer)
     indexes = {corpus.name: read_index(corpus.path) for corpus in cfg.data.corpora}
-    rows = rows_per_step(cfg.data, indexes, world_size, cfg.model.connector.num_queries)
+    workers = max(1, cfg.data.num_workers)
+    virtual = cfg.data.virtual_streams or world_size * workers
+    check_streams(virtual, world_size, workers)
+    rows = rows_per_step(cfg.data, indexes, world_size, cfg.model.connector.num_queries, virtual)
     vision = cfg.model.vision
     tensors = None
     if vision.weights is not None:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from kosmos import config as config_io
 from kosmos.checkpoint import load_weights, read_latest
 from kosmos.model import KosmosModel, attention_pairs, training_flops
+from kosmos.model.attention import attends_per_document
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
 from kosmos.train.checkpoint import CheckpointManager
 from kosmos.train.config import TrainConfig, check_inputs
@@ -84,9 +85,10 @@ class Trainer:
             seed_everything(cfg.train.seed + env.rank)  # each rank its own dropout masks
 
         self.peak_flops = peak_flops(cfg.logging, env.device, self.bf16)
-        # flash-attn computes each packed document on its own: MFU counts the attention it does.
+        # MFU counts the attention the backend does: per packed document, or over whole rows.
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.per_document_attention = self.model.attention_backend(env.device, dtype) == "flash"
+        backend = self.model.attention_backend(env.device, dtype, needs_grad=True)
+        self.per_document_attention = attends_per_document(backend)
         self.stop = StopRequest()
         self.metrics = MetricsLogger(
             run_dir,

@@ -1,0 +1,112 @@
+"""`kosmos bench generate`: greedy decoding with a KV cache, ours and optionally transformers'
+Kosmos-2 alternated; `--compile` compiles the decoding steps of both sides alike."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from kosmos.bench.common import (
+    add_common_arguments,
+    alternate,
+    load_bench_config,
+    machine,
+    memory_gb,
+    print_report,
+    synthetic_batch,
+    transformers_inputs,
+    transformers_twin,
+)
+from kosmos.cli import positive_int
+
+NEVER = -1  # an end-of-sequence id no token has: benchmarked generations run their full length
+
+
+def register(benches: argparse._SubParsersAction) -> None:
+    generate = benches.add_parser("generate", help="greedy decoding with a KV cache")
+    add_common_arguments(generate, steps=5, warmup=1)
+    generate.add_argument("--batch", type=positive_int, default=1, help="prompts decoded together (default 1)")
+    generate.add_argument("--prompt-tokens", type=positive_int, default=16, help="text tokens after the image")
+    generate.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated (default 64)")
+    generate.add_argument(
+        "--compile",
+        action="store_true",
+        help="decoding steps through torch.compile, both sides alike (compiled in the warm-up)",
+    )
+    generate.set_defaults(handler=bench_generate)
+
+
+def bench_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from kosmos.model import KosmosModel, generate
+    from kosmos.model.kosmos import compile_for_decoding
+    from kosmos.tokenizer import Encoded
+    from kosmos.train.engine import use_bf16
+
+    cfg = load_bench_config(args.config, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if use_bf16(cfg.deepspeed.bf16) else torch.float32
+    length = args.prompt_tokens + cfg.model.connector.num_queries + 4  # <s> <image> </image> </s>
+    batch = synthetic_batch(cfg.model, args.batch, length, 1)
+    prompts = [
+        Encoded(ids[:-1], mask[:-1], [True] * (length - 1), 1)  # without </s>: a prompt to continue
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["image_mask"].tolist())
+    ]
+    images = batch["images"].to(device, dtype)
+
+    torch.manual_seed(cfg.train.seed)
+    model = KosmosModel(cfg.model).eval()
+    runs = {
+        "ours": lambda: generate(
+            model, prompts, images, max_new_tokens=args.new_tokens, eos_id=NEVER, compile=args.compile
+        )
+    }
+    if args.hf:
+        from kosmos.model import pad_batch
+
+        twin = transformers_twin(model).to(device, dtype).eval()
+        twin.generation_config.eos_token_id = None  # decode the full length, as ours does here
+        if args.compile:  # Kosmos-2's generate runs its text model, compiled here as ours is
+            twin.text_model.forward = compile_for_decoding(twin.text_model.forward, device.type)
+        inputs = transformers_inputs({**pad_batch(prompts, "left", device), "images": images})
+
+        def theirs() -> list[list[int]]:
+            out = twin.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, num_beams=1)
+            return out[:, inputs["input_ids"].shape[1] :].tolist()
+
+        runs["theirs"] = theirs
+    model.to(device, dtype)
+
+    outputs = {}
+    for side, run in runs.items():
+        for _ in range(max(1, args.warmup)):  # at least one: its tokens are compared
+            outputs[side] = run()
+    seconds = alternate(runs, args.steps, device)
+
+    tokens = args.batch * args.new_tokens
+    report = {
+        "benchmark": "generate",
+        "config": str(args.config),
+        "machine": machine(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": args.batch,
+        "prompt_length": length - 1,
+        "new_tokens": args.new_tokens,
+        "compile": args.compile,
+        "runs": args.steps,
+    }
+    for side, times in seconds.items():
+        call_s = statistics.median(times)
+        report[side] = {
+            "call_s": round(call_s, 4),
+            "ms_per_token": round(1000 * call_s / args.new_tokens, 3),
+            "tokens_per_s": round(tokens / call_s, 1),
+            "samples_per_s": round(args.batch / call_s, 3),
+        }
+    report["ours"]["peak_memory_gb"] = memory_gb(device)
+    if args.hf:
+        report["same_tokens"] = outputs["ours"] == outputs["theirs"]
+        report["speedup"] = round(report["theirs"]["call_s"] / report["ours"]["call_s"], 3)
+    print_report(report, args.json, ["call_s", "ms_per_token", "tokens_per_s", "samples_per_s"])
+    return 0
