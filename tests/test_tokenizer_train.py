@@ -125,3 +125,14 @@ def test_bad_requests_exit_2_and_name_the_problem(tmp_path, capsys):
     (tmp_path / "c.model").write_text("mine")
     code, error = _train(capsys, "--corpus", str(corpus), "--vocab-size", "60", "--out", str(tmp_path / "c.model"))
     assert code == 2 and "already exists" in error
+
+
+def test_a_corpus_over_http_gives_the_sentences_of_the_same_corpus_on_disk(sample):
+    from kosmos.data.serve import serve_http
+
+    local: Counter[str] = Counter()
+    remote: Counter[str] = Counter()
+    with serve_http(sample) as (url, _):
+        over_http = list(corpus_texts(f"{url}/caption", remote, max_documents=50))
+    assert over_http == list(corpus_texts(sample / "caption", local, max_documents=50))
+    assert len(over_http) == 50 and remote == local

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--corpus",
         required=True,
         nargs="+",
-        help="corpus folders (or their index.json), or folders of corpus folders",
+        help="corpus folders or URLs (or their index.json), or folders of corpus folders",
     )
     train.add_argument("--vocab-size", type=int, default=64000, help="SentencePiece pieces (default 64000)")
     train.add_argument("--out", required=True, help="the .model file to write")
@@ -60,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kosmos.config import ConfigError
+    from kosmos.data import sources
     from kosmos.data.inspection import corpus_folders
     from kosmos.tokenizer import TokenizerError
     from kosmos.tokenizer.training import sample_sentences, train_sentencepiece
@@ -72,8 +73,11 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"--out: {out} already exists; choose another")
-    folders = []
+    folders: list = []
     for corpus in args.corpus:
+        if sources.is_url(corpus):  # a remote corpus: its index is read where it lies
+            folders.append(corpus.removesuffix("/index.json"))
+            continue
         path = Path(corpus)
         folders += corpus_folders(path.parent if path.name == "index.json" else path).values()
     sentences, report = sample_sentences(folders, args.max_sentences, args.max_documents, args.seed)
