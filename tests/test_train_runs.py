@@ -99,6 +99,14 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return {record["step"]: record for record in map(json.loads, lines)}
 
 
+def assert_same_steps(first: dict, second: dict, steps: range) -> None:
+    """The logged losses, gradient norm, LR and tokens of `steps` are identical in both runs."""
+    keys = ("loss", "loss_text", "loss_caption", "loss_interleaved", "grad_norm", "lr", "tokens_seen")
+    for step in steps:
+        for key in keys:
+            assert second[step][key] == first[step][key], (step, key)
+
+
 def latest(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "latest").read_text().strip()
 
@@ -131,17 +139,7 @@ def test_two_ranks_resume_exactly(recipe, tmp_path, stage):
 
     first, second = metrics(straight), metrics(resumed)
     assert sorted(second) == list(range(11, 21))
-    for step in range(11, 21):
-        for key in (
-            "loss",
-            "loss_text",
-            "loss_caption",
-            "loss_interleaved",
-            "grad_norm",
-            "lr",
-            "tokens_seen",
-        ):
-            assert second[step][key] == first[step][key], (step, key)
+    assert_same_steps(first, second, range(11, 21))
 
     # The tiny model learns.
     losses = [first[s]["loss"] for s in range(1, 21)]
@@ -462,17 +460,7 @@ def test_ctrl_c_checkpoints_and_the_resume_is_bit_identical(recipe, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     first, second = metrics(straight), metrics(interrupted)
     assert sorted(second) == list(range(1, end + 1))
-    for step in range(1, end + 1):
-        for key in (
-            "loss",
-            "loss_text",
-            "loss_caption",
-            "loss_interleaved",
-            "grad_norm",
-            "lr",
-            "tokens_seen",
-        ):
-            assert second[step][key] == first[step][key], (step, key)
+    assert_same_steps(first, second, range(1, end + 1))
     before, after = weights(straight, end), weights(interrupted, end)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
