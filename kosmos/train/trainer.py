@@ -153,10 +153,13 @@ class Trainer:
             output = self.engine(**batch)
             self.engine.backward(output.token_loss.sum() * scale, scale_wrt_gas=False)
             self.engine.step()
-            sums += self._batch_sums(mb["source"], batch, output.token_loss.detach())
+            sums += self._batch_sums(mb, batch, output.token_loss.detach())
         return sums
 
-    def _batch_sums(self, sources: list[str], batch: dict, token_loss: torch.Tensor) -> torch.Tensor:
+    def _batch_sums(self, host_batch: dict, batch: dict, token_loss: torch.Tensor) -> torch.Tensor:
+        """Per-corpus sums of one micro-batch (`batch` is `host_batch` on the device)."""
+        # Counted from the host copy: document lengths on the device would cost a sync per micro-batch.
+        pairs = attention_pairs(host_batch["segment_ids"], self.per_document_attention)
         rows = torch.stack(
             [
                 token_loss.double().sum(1),
@@ -164,11 +167,11 @@ class Trainer:
                 (batch["segment_ids"] > 0).sum(1).double(),
                 torch.full_like(token_loss[:, 0], token_loss.shape[1], dtype=torch.float64),
                 batch["image_mask"].sum(1).double() / self.cfg.model.connector.num_queries,
-                attention_pairs(batch["segment_ids"], self.per_document_attention),
+                pairs.to(token_loss.device, non_blocking=True),
             ],
             dim=1,
         )
-        which = torch.tensor([self.sources.index(s) for s in sources], device=rows.device)
+        which = torch.tensor([self.sources.index(s) for s in host_batch["source"]], device=rows.device)
         return torch.zeros(len(self.sources), len(SUMS), dtype=torch.float64, device=rows.device).index_add_(
             0, which, rows
         )
