@@ -140,12 +140,14 @@ MISSING_INPUT_HINT = (
 
 def check_inputs(cfg: TrainConfig) -> None:
     """Check the files the config names: the tokenizer fits the model, the corpora exist."""
+    from kosmos.data import sources
     from kosmos.tokenizer import Tokenizer, TokenizerError
 
     if not Path(cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer: {cfg.tokenizer} does not exist; {MISSING_INPUT_HINT}")
     for i, corpus in enumerate(cfg.data.corpora):
-        if not Path(corpus.path).exists():
+        # A remote corpus is checked with the others by `check_paths` below.
+        if sources.is_local(corpus.path) and not Path(sources.local_path(corpus.path)).exists():
             raise ConfigError(f"data.corpora[{i}].path: {corpus.path} does not exist; {MISSING_INPUT_HINT}")
     try:
         tokenizer = Tokenizer(cfg.tokenizer)
