@@ -47,6 +47,13 @@ FREE_ON_RESUME = (
     "checkpoint.",
     "logging.",
     "deepspeed.activation_checkpointing",
+    # The loader's processes and reading: the saved positions regroup onto any number of workers.
+    "data.num_workers",
+    "data.cache_mb",
+    "data.cache_dir",
+    "data.read_retries",
+    "data.read_timeout_s",
+    "data.max_skip_fraction",
 )
 
 # Recorded in the history of every launch (those installed).
