@@ -21,7 +21,8 @@ from kosmos.data import DataConfig, build_loader
 from kosmos.data.config import CorpusConfig
 from kosmos.data.decode import DECODERS, decode_image
 from kosmos.data.inspection import inspect
-from kosmos.data.shards import CorpusWriter, RawSample, SkipSample, read_index
+from kosmos.data.shards import CorpusWriter, RawSample, read_index
+from kosmos.data.skips import SkipSample
 
 LONE_SURROGATE = "\ud800"
 DEEP_JSON = b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b', "images": []}'

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from kosmos.config import ConfigError
 from kosmos.data.decode import check_unicode, load_json
-from kosmos.data.shards import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, CorpusIndex, CorpusWriter, SkipSample
+from kosmos.data.shards import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, CorpusIndex, CorpusWriter
+from kosmos.data.skips import Reason, SkipSample
 
 
 def _require(path: Path, what: str) -> Path:
@@ -52,7 +53,7 @@ def _json_record(line: bytes) -> dict | SkipSample:
         record = load_json(line)
     except SkipSample as skip:
         return skip
-    return record if isinstance(record, dict) else SkipSample("invalid_json", "not a JSON object")
+    return record if isinstance(record, dict) else SkipSample(Reason.INVALID_JSON, "not a JSON object")
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[dict | SkipSample]:
@@ -65,7 +66,7 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[dict | SkipSample]:
             except StopIteration:
                 return
             except csv.Error as error:  # e.g. a field over csv's limit (128 KiB): an unclosed quote
-                yield SkipSample("invalid_csv", str(error))
+                yield SkipSample(Reason.INVALID_CSV, str(error))
                 continue
             try:
                 # Cells beyond the header row come as a list under the key None.
@@ -83,11 +84,11 @@ def image_member(path: Path) -> tuple[str, bytes]:
     sample."""
     extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
     if extension not in IMAGE_EXTENSIONS:
-        raise SkipSample("not_an_image", f"{path} is not .jpg, .png or .webp")
+        raise SkipSample(Reason.NOT_AN_IMAGE, f"{path} is not .jpg, .png or .webp")
     if not path.is_file():
-        raise SkipSample("missing_image", str(path))
+        raise SkipSample(Reason.MISSING_IMAGE, str(path))
     if path.stat().st_size > MAX_MEMBER_BYTES:
-        raise SkipSample("oversized_member", f"{path} has {path.stat().st_size} bytes")
+        raise SkipSample(Reason.OVERSIZED_MEMBER, f"{path} has {path.stat().st_size} bytes")
     return extension, path.read_bytes()
 
 
@@ -98,9 +99,9 @@ def image_under(root: Path, relative: object) -> tuple[str, bytes]:
         path = (root / str(relative)).resolve()
         inside = path.is_relative_to(root.resolve())
     except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a loop of symbolic links
-        raise SkipSample("missing_image", f"{relative!r}: {error}") from None
+        raise SkipSample(Reason.MISSING_IMAGE, f"{relative!r}: {error}") from None
     if not inside:
-        raise SkipSample("path_outside", f"{relative!r} is outside {root}")
+        raise SkipSample(Reason.PATH_OUTSIDE, f"{relative!r} is outside {root}")
     return image_member(path)
 
 
@@ -122,11 +123,11 @@ def _progress(total: int, unit: str, kind: str) -> tqdm:
 
 def _text(value: object) -> bytes:
     if value is None:
-        raise SkipSample("missing_text")
+        raise SkipSample(Reason.MISSING_TEXT)
     if not isinstance(value, str):
-        raise SkipSample("invalid_json", f"text {value!r} is not a string")
+        raise SkipSample(Reason.INVALID_JSON, f"text {value!r} is not a string")
     if not value.strip():
-        raise SkipSample("empty_text")
+        raise SkipSample(Reason.EMPTY_TEXT)
     return check_unicode(value).encode()
 
 
@@ -175,7 +176,7 @@ def build_caption_list(
 
     def pair(record: dict, _: Path) -> dict[str, bytes]:
         if not record.get(image_field):
-            raise SkipSample("missing_image", f"no {image_field!r} field")
+            raise SkipSample(Reason.MISSING_IMAGE, f"no {image_field!r} field")
         extension, data = image_under(images, record[image_field])
         return {extension: data, "txt": _text(record.get(caption_field))}
 
@@ -207,9 +208,9 @@ def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> Corp
                     for members in samples:
                         try:
                             if key.rpartition("/")[2].startswith((".", "__")):
-                                raise SkipSample("hidden_key", key)
+                                raise SkipSample(Reason.HIDDEN_KEY, key)
                             if len(samples) > 1:
-                                raise SkipSample("duplicate_key", key)
+                                raise SkipSample(Reason.DUPLICATE_KEY, key)
                             writer.write(_caption_pair(tar, members))
                         except SkipSample as skip:
                             writer.skip(skip.reason)
@@ -239,10 +240,10 @@ def _regular_members(
             if member is None:
                 # A cut inside the last member read is counted when its sample is read.
                 if expected <= size and (damaged or _damaged(raw, expected, size)):
-                    skip("truncated_shard")
+                    skip(Reason.TRUNCATED_SHARD)
                 return
             if damaged or _damaged(raw, expected, member.offset):
-                skip("bad_tar_header")
+                skip(Reason.BAD_TAR_HEADER)
             damaged = False
             expected = member.offset_data + _padded(member.size)
             if member.isreg():
@@ -303,7 +304,7 @@ def _split_member_name(name: str) -> tuple[str, str]:
 def _caption_pair(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> dict[str, bytes]:
     image = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     if image is None:
-        raise SkipSample("missing_image")
+        raise SkipSample(Reason.MISSING_IMAGE)
     sample = {
         image.replace("jpeg", "jpg"): _read_member(tar, members[image]),
         "txt": _text(_utf8(_read_member(tar, members["txt"]) if "txt" in members else None)),
@@ -315,13 +316,13 @@ def _caption_pair(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     if member.size > MAX_MEMBER_BYTES:
-        raise SkipSample("oversized_member", f"{member.name} has {member.size} bytes")
+        raise SkipSample(Reason.OVERSIZED_MEMBER, f"{member.name} has {member.size} bytes")
     try:
         data = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise SkipSample("truncated_shard", f"{member.name}: {error}") from None
+        raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name}: {error}") from None
     if len(data) != member.size:
-        raise SkipSample("truncated_shard", f"{member.name} is cut short")
+        raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name} is cut short")
     return data
 
 
@@ -331,7 +332,7 @@ def _utf8(data: bytes | None) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SkipSample("invalid_utf8") from None
+        raise SkipSample(Reason.INVALID_UTF8) from None
 
 
 def build_interleaved(
@@ -350,18 +351,18 @@ def build_interleaved(
 
 def _interleaved_sample(record: dict, root: Path) -> dict[str, bytes]:
     if not all(isinstance(record.get(k), list) for k in ("texts", "images")):
-        raise SkipSample("invalid_json", 'expected "texts" and "images" lists')
+        raise SkipSample(Reason.INVALID_JSON, 'expected "texts" and "images" lists')
     texts, images = record["texts"], record["images"]
     if len(texts) != len(images):
-        raise SkipSample("mismatched_lists")
+        raise SkipSample(Reason.MISMATCHED_LISTS)
     members: dict[str, bytes] = {}
     names: list[str | None] = []
     for position, (text, image) in enumerate(zip(texts, images)):
         if (text is None) == (image is None):
-            raise SkipSample("mismatched_lists")
+            raise SkipSample(Reason.MISMATCHED_LISTS)
         if image is None:
             if not isinstance(text, str):
-                raise SkipSample("invalid_json", f"text entry {text!r} is not a string")
+                raise SkipSample(Reason.INVALID_JSON, f"text entry {text!r} is not a string")
             check_unicode(text)
             names.append(None)
             continue
@@ -369,7 +370,7 @@ def _interleaved_sample(record: dict, root: Path) -> dict[str, bytes]:
         names.append(f"{position}.{extension}")
         members[names[-1]] = data
     if not any(isinstance(t, str) and t.strip() for t in texts):
-        raise SkipSample("empty_text")
+        raise SkipSample(Reason.EMPTY_TEXT)
     return {"json": json.dumps({"texts": texts, "images": names}).encode(), **members}
 
 
@@ -386,6 +387,6 @@ def _instruction_sample(record: dict, _: Path) -> dict[str, bytes]:
         "output": _text(record.get("output")).decode(),
     }
     if not isinstance(triple["input"], str):
-        raise SkipSample("invalid_json", f"input {triple['input']!r} is not a string")
+        raise SkipSample(Reason.INVALID_JSON, f"input {triple['input']!r} is not a string")
     check_unicode(triple["input"])
     return {"json": json.dumps(triple).encode()}

@@ -2,22 +2,7 @@
 
 Each corpus kind has a decoder. A sample that cannot be used raises `SkipSample(reason)`; images
 left out of a document that is kept (too small, too elongated, over the per-document cap) are counted in
-`Document.dropped_images`. Reasons:
-
-  missing_text      no `.txt` member (text, caption)
-  empty_text        the text is empty or only whitespace; an interleaved document without text
-  invalid_utf8      text or JSON that is not UTF-8, or a JSON string holding a lone surrogate (`"\\ud800"`)
-  invalid_json      an interleaved `.json` that does not parse (or nests too deep to) or is not
-                    `{"texts": [...], "images": [...]}`
-  mismatched_lists  `texts` and `images` differ in length, or a position has both or neither
-  missing_image     a caption sample without an image member; an interleaved image that names no member
-  not_an_image      bytes under an image name that are not a JPEG, PNG or WebP image
-  corrupt_image     an image that is truncated or fails to decode
-  image_too_large   more than MAX_IMAGE_PIXELS pixels (decompression bombs are refused unread)
-  small_image       a caption pair whose image is smaller than `min_image_size`
-  extreme_aspect_ratio  a caption pair whose image's long side is over MAX_ASPECT_RATIO times its
-                    short side: resizing the short side would cost hundreds of MiB for a centre
-                    crop that shows a sliver of the image
+`Document.dropped_images`. The reasons are those of `kosmos.data.skips`.
 """
 
 from __future__ import annotations
@@ -33,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from kosmos.data.config import CorpusConfig
-from kosmos.data.shards import IMAGE_EXTENSIONS, RawSample, SkipSample
+from kosmos.data.shards import IMAGE_EXTENSIONS, RawSample
+from kosmos.data.skips import Counts, Reason, SkipSample
 
 # About 200 MB once decoded to RGB; anything larger is refused before its pixels are read.
 MAX_IMAGE_PIXELS = 1 << 26
@@ -47,7 +33,7 @@ class Document:
     parts: list[str | Image.Image]
     # Per part: are its tokens learned? None = all parts (pretraining data).
     learn: list[bool] | None = None
-    dropped_images: Counter[str] = field(default_factory=Counter)
+    dropped_images: Counts = field(default_factory=Counter)
 
 
 def image_transform(image_size: int) -> Callable:
@@ -64,14 +50,14 @@ def decode_image(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise SkipSample("image_too_large", str(error)) from None
+        raise SkipSample(Reason.IMAGE_TOO_LARGE, str(error)) from None
     except Image.UnidentifiedImageError as error:
-        raise SkipSample("not_an_image", str(error)) from None
+        raise SkipSample(Reason.NOT_AN_IMAGE, str(error)) from None
     except Exception as error:  # noqa: BLE001 - a damaged header can raise anything from a plugin
-        raise SkipSample("corrupt_image", f"{type(error).__name__}: {error}") from None
+        raise SkipSample(Reason.CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise SkipSample("image_too_large", f"{width}x{height}")
+        raise SkipSample(Reason.IMAGE_TOO_LARGE, f"{width}x{height}")
     try:
         image.load()
         if image.mode.startswith("I"):
@@ -83,16 +69,16 @@ def decode_image(data: bytes) -> Image.Image:
             image = Image.alpha_composite(background, image)
         return image.convert("RGB")
     except Exception as error:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise SkipSample("corrupt_image", f"{type(error).__name__}: {error}") from None
+        raise SkipSample(Reason.CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
 
 
 def _unusable_image(image: Image.Image, corpus: CorpusConfig) -> str | None:
     """Why a decoded image is left out (`small_image`, `extreme_aspect_ratio`), or None."""
     short, long = sorted(image.size)
     if short < corpus.min_image_size:
-        return "small_image"
+        return Reason.SMALL_IMAGE
     if long > MAX_ASPECT_RATIO * short:
-        return "extreme_aspect_ratio"
+        return Reason.EXTREME_ASPECT_RATIO
     return None
 
 
@@ -102,9 +88,9 @@ def load_json(data: bytes) -> object:
     try:
         return json.loads(data)
     except UnicodeDecodeError as error:
-        raise SkipSample("invalid_utf8", str(error)) from None
+        raise SkipSample(Reason.INVALID_UTF8, str(error)) from None
     except (ValueError, RecursionError) as error:
-        raise SkipSample("invalid_json", f"{type(error).__name__}: {error}") from None
+        raise SkipSample(Reason.INVALID_JSON, f"{type(error).__name__}: {error}") from None
 
 
 def check_unicode(text: str) -> str:
@@ -113,19 +99,19 @@ def check_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise SkipSample("invalid_utf8", str(error)) from None
+        raise SkipSample(Reason.INVALID_UTF8, str(error)) from None
     return text
 
 
 def _text(data: bytes | None) -> str:
     if data is None:
-        raise SkipSample("missing_text")
+        raise SkipSample(Reason.MISSING_TEXT)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SkipSample("invalid_utf8", str(error)) from None
+        raise SkipSample(Reason.INVALID_UTF8, str(error)) from None
     if not text.strip():
-        raise SkipSample("empty_text")
+        raise SkipSample(Reason.EMPTY_TEXT)
     return text
 
 
@@ -137,7 +123,7 @@ def decode_caption(sample: RawSample, corpus: CorpusConfig) -> Document:
     caption = _text(sample.members.get("txt")).strip()
     data = next((sample.members[ext] for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
     if data is None:
-        raise SkipSample("missing_image")
+        raise SkipSample(Reason.MISSING_IMAGE)
     image = decode_image(data)
     reason = _unusable_image(image, corpus)
     if reason is not None:
@@ -151,29 +137,29 @@ def decode_interleaved(sample: RawSample, corpus: CorpusConfig) -> Document:
     An image entry names the sample's member holding it (its suffix, e.g. `"2.jpg"`).
     """
     if "json" not in sample.members:
-        raise SkipSample("invalid_json", "no .json member")
+        raise SkipSample(Reason.INVALID_JSON, "no .json member")
     layout = load_json(sample.members["json"])
     if not isinstance(layout, dict) or not all(isinstance(layout.get(k), list) for k in ("texts", "images")):
-        raise SkipSample("invalid_json", 'expected {"texts": [...], "images": [...]}')
+        raise SkipSample(Reason.INVALID_JSON, 'expected {"texts": [...], "images": [...]}')
     texts, images = layout["texts"], layout["images"]
     if len(texts) != len(images):
-        raise SkipSample("mismatched_lists", f"{len(texts)} texts, {len(images)} images")
+        raise SkipSample(Reason.MISMATCHED_LISTS, f"{len(texts)} texts, {len(images)} images")
     document = Document([])
     kept_images = 0
     for text, image_name in zip(texts, images):
         if (text is None) == (image_name is None):
-            raise SkipSample("mismatched_lists", "a position needs exactly one of text and image")
+            raise SkipSample(Reason.MISMATCHED_LISTS, "a position needs exactly one of text and image")
         if text is not None:
             if not isinstance(text, str):
-                raise SkipSample("invalid_json", f"text entry {text!r} is not a string")
+                raise SkipSample(Reason.INVALID_JSON, f"text entry {text!r} is not a string")
             document.parts.append(check_unicode(text))
             continue
         if not isinstance(image_name, str) or image_name.lower() not in sample.members:
-            raise SkipSample("missing_image", f"{image_name!r} is not a member of {sample.key}")
+            raise SkipSample(Reason.MISSING_IMAGE, f"{image_name!r} is not a member of {sample.key}")
         if image_name.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
-            raise SkipSample("missing_image", f"{image_name!r} is not an image member")
+            raise SkipSample(Reason.MISSING_IMAGE, f"{image_name!r} is not an image member")
         if kept_images == corpus.max_images:
-            document.dropped_images["over_max_images"] += 1
+            document.dropped_images[Reason.OVER_MAX_IMAGES] += 1
             continue
         image = decode_image(sample.members[image_name.lower()])
         reason = _unusable_image(image, corpus)
@@ -183,7 +169,7 @@ def decode_interleaved(sample: RawSample, corpus: CorpusConfig) -> Document:
         document.parts.append(image)
         kept_images += 1
     if not any(isinstance(p, str) and p.strip() for p in document.parts):
-        raise SkipSample("empty_text", "no text in the document")
+        raise SkipSample(Reason.EMPTY_TEXT, "no text in the document")
     return document
 
 
@@ -204,10 +190,10 @@ def decode_instruction(sample: RawSample, corpus: CorpusConfig) -> Document:
     or a prompt already laid out as an interleaved document, `{"texts": [...], "images": [...],
     "output": ...}` (multimodal fine-tuning such as ScienceQA), read as it is, then the output."""
     if "json" not in sample.members:
-        raise SkipSample("invalid_json", "no .json member")
+        raise SkipSample(Reason.INVALID_JSON, "no .json member")
     triple = load_json(sample.members["json"])
     if not isinstance(triple, dict):
-        raise SkipSample("invalid_json", 'expected {"instruction": ..., "input": ..., "output": ...}')
+        raise SkipSample(Reason.INVALID_JSON, 'expected {"instruction": ..., "input": ..., "output": ...}')
     if "texts" in triple or "images" in triple:
         return _interleaved_prompt(sample, corpus, triple.get("output"))
     fields = {
@@ -216,19 +202,19 @@ def decode_instruction(sample: RawSample, corpus: CorpusConfig) -> Document:
         "output": triple.get("output"),
     }
     if not all(isinstance(value, str) for value in fields.values()):
-        raise SkipSample("invalid_json", "instruction, input and output must be strings")
+        raise SkipSample(Reason.INVALID_JSON, "instruction, input and output must be strings")
     for value in fields.values():
         check_unicode(value)
     if not fields["instruction"].strip() or not fields["output"].strip():
-        raise SkipSample("empty_text", "an instruction or output is empty")
+        raise SkipSample(Reason.EMPTY_TEXT, "an instruction or output is empty")
     return instruction_parts(**fields)
 
 
 def _interleaved_prompt(sample: RawSample, corpus: CorpusConfig, output: object) -> Document:
     if not isinstance(output, str):
-        raise SkipSample("invalid_json", "the output must be a string")
+        raise SkipSample(Reason.INVALID_JSON, "the output must be a string")
     if not output.strip():
-        raise SkipSample("empty_text", "the output is empty")
+        raise SkipSample(Reason.EMPTY_TEXT, "the output is empty")
     check_unicode(output)
     document = decode_interleaved(sample, corpus)
     document.parts.append(output.strip())

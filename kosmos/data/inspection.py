@@ -15,7 +15,8 @@ from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.config import INDEX_FILE, CorpusConfig
 from kosmos.data.decode import DECODERS
-from kosmos.data.shards import ShardReader, SkipSample, read_index
+from kosmos.data.shards import ShardReader, read_index
+from kosmos.data.skips import Reason, SkipSample
 from kosmos.data.stream import encode_document
 from kosmos.tokenizer import Tokenizer
 
@@ -45,7 +46,7 @@ def inspect_corpus(folder: Path, tokenizer: Tokenizer | None) -> dict:
             skipped[error.reason] += shard.samples
             continue
         except (OSError, tarfile.TarError):
-            skipped["unreadable_shard"] += shard.samples
+            skipped[Reason.UNREADABLE_SHARD] += shard.samples
             continue
         for i in range(shard.samples):
             try:

@@ -39,6 +39,7 @@ from kosmos.data.config import CorpusConfig, DataConfig
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.packing import RowPacker, collate
 from kosmos.data.shards import CorpusIndex, read_index
+from kosmos.data.skips import Counts
 from kosmos.data.stream import CorpusStream, SampleRef, ShardOpener, stream_block, virtual_state
 from kosmos.tokenizer import Tokenizer
 
@@ -393,7 +394,7 @@ class StepLoader:
         ]
 
     def _counters(self, field: str) -> dict[str, int]:
-        total: Counter[str] = Counter()
+        total: Counts = Counter()
         for corpus in self.cfg.corpora:
             for stream in self._virtual_states(corpus.name):
                 total.update(stream[field])

@@ -24,7 +24,8 @@ from typing import Any, Literal, get_args
 
 from kosmos.config import ConfigError
 from kosmos.data.build import image_member
-from kosmos.data.shards import CorpusIndex, CorpusWriter, SkipSample
+from kosmos.data.shards import CorpusIndex, CorpusWriter
+from kosmos.data.skips import Reason, SkipSample
 
 Stage = Literal["rationale", "answer", "direct"]
 STAGES = get_args(Stage)
@@ -281,7 +282,7 @@ def build_scienceqa(
 def _sample(problem: Problem, stage: Stage, rationale: str | None) -> dict[str, bytes]:
     target = target_text(problem, stage)
     if not target:
-        raise SkipSample("empty_rationale")
+        raise SkipSample(Reason.EMPTY_RATIONALE)
     if stage == "answer" and rationale is None:
         rationale = gold_rationale(problem)
     layout: dict[str, Any] = {"id": problem.pid, "texts": [], "images": [], "output": target}

@@ -27,6 +27,7 @@ from webdataset.tariterators import base_plus_ext
 
 from kosmos.config import ConfigError
 from kosmos.data import sources
+from kosmos.data.skips import Counts, Reason, SkipSample, saved
 
 INDEX_FILE = "index.json"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst")
@@ -35,14 +36,6 @@ READABLE_EXTENSIONS = ("txt", "json", *IMAGE_EXTENSIONS)
 # Refuse members larger than this without reading them.
 MAX_MEMBER_BYTES = 64 << 20
 INDEX_VERSION = 1
-
-
-class SkipSample(Exception):
-    """A sample that cannot be used; `reason` is the counter it is reported under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 @dataclass
@@ -65,7 +58,7 @@ class CorpusIndex:
         return sum(shard.samples for shard in self.shards)
 
     def location(self, shard: str) -> str:
-        """Where shard `shard` lies; raises `ShardUnreadable("path_outside")` for a name escaping the base."""
+        """Where shard `shard` lies; raises `ShardUnreadable(Reason.PATH_OUTSIDE)` for a name escaping the base."""
         return sources.join(self.base, shard)
 
 
@@ -110,7 +103,7 @@ def write_index(folder: str | Path, index: CorpusIndex) -> None:
         **({"base": index.base} if index.base else {}),
         "samples": index.num_samples,
         "shards": [{"name": s.name, "samples": s.samples} for s in index.shards],
-        "skipped": dict(sorted(index.skipped.items())),
+        "skipped": saved(index.skipped),
     }
     (Path(folder) / INDEX_FILE).write_text(json.dumps(raw, indent=1) + "\n")
 
@@ -129,7 +122,7 @@ class CorpusWriter:
         self.samples_per_shard = samples_per_shard
         self.max_shard_bytes = max_shard_bytes
         self.shards: list[ShardInfo] = []
-        self.skipped: Counter[str] = Counter()
+        self.skipped: Counts = Counter()
         self._tar: webdataset.TarWriter | None = None
         self.index: CorpusIndex | None = None
         self._bytes = 0
@@ -197,7 +190,7 @@ def decompressed(file: BinaryIO, name: str) -> BinaryIO:
             import zstandard
         except ImportError:
             raise sources.ShardUnreadable(
-                "unreadable_shard", f"{name}: reading .tar.zst needs the zstandard package"
+                Reason.UNREADABLE_SHARD, f"{name}: reading .tar.zst needs the zstandard package"
             ) from None
         return zstandard.ZstdDecompressor().stream_reader(file, read_across_frames=True)
     return file
@@ -233,7 +226,7 @@ def read_samples(file: BinaryIO, name: str) -> Iterator[RawSample]:
                 if suffix.rsplit(".", 1)[-1] not in READABLE_EXTENSIONS:
                     continue
                 if member.size > MAX_MEMBER_BYTES:
-                    problem = SkipSample("oversized_member", f"{member.name} has {member.size} bytes")
+                    problem = SkipSample(Reason.OVERSIZED_MEMBER, f"{member.name} has {member.size} bytes")
                     continue
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
@@ -255,7 +248,7 @@ class ShardReader:
     """Random access to the samples of one shard. Opening it reads the tar headers only.
 
     A truncated shard keeps the samples before the damage; asking for one beyond it, or for one the
-    index counts but the shard lacks, raises `SkipSample("truncated_shard")`.
+    index counts but the shard lacks, raises `SkipSample(Reason.TRUNCATED_SHARD)`.
     """
 
     def __init__(self, path: str | Path):
@@ -283,20 +276,20 @@ class ShardReader:
 
     def read(self, i: int) -> RawSample:
         if i >= len(self._samples):
-            raise SkipSample("truncated_shard", f"{self.path} ends before sample {i}")
+            raise SkipSample(Reason.TRUNCATED_SHARD, f"{self.path} ends before sample {i}")
         key, members = self._samples[i]
         out = {}
         for suffix, member in members.items():
             if suffix.rsplit(".", 1)[-1] not in READABLE_EXTENSIONS:
                 continue
             if member.size > MAX_MEMBER_BYTES:
-                raise SkipSample("oversized_member", f"{member.name} has {member.size} bytes")
+                raise SkipSample(Reason.OVERSIZED_MEMBER, f"{member.name} has {member.size} bytes")
             try:
                 data = self._tar.extractfile(member).read()
             except (tarfile.TarError, OSError, EOFError) as error:
-                raise SkipSample("truncated_shard", f"{member.name}: {error}") from None
+                raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name}: {error}") from None
             if len(data) != member.size:
-                raise SkipSample("truncated_shard", f"{member.name} is cut short")
+                raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name} is cut short")
             out[suffix] = data
         return RawSample(key, out)
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
+from kosmos.data.skips import Reason
+
 CHUNK_BYTES = 8 << 20
 PIPE = "pipe:"
 
@@ -79,12 +81,12 @@ def protocol(location: str) -> str:
 
 def join(base: str, name: str) -> str:
     """The location of shard `name` of an index based at `base`. A relative name must stay inside
-    the base (`ShardUnreadable("path_outside")` otherwise); a full URL or `pipe:` name stands alone."""
+    the base (`ShardUnreadable(Reason.PATH_OUTSIDE)` otherwise); a full URL or `pipe:` name stands alone."""
     if is_url(name) or is_pipe(name):
         return name
     normal = posixpath.normpath(name)
     if name.startswith(("/", "\\")) or normal == ".." or normal.startswith("../") or "\\" in name:
-        raise ShardUnreadable("path_outside", f"{name!r} is not inside {redact(base)}")
+        raise ShardUnreadable(Reason.PATH_OUTSIDE, f"{name!r} is not inside {redact(base)}")
     return f"{base.rstrip('/')}/{normal}"
 
 
@@ -133,10 +135,10 @@ def _with_retries(location: str, options: ReadOptions, attempt_once):
         except Exception as error:  # noqa: BLE001 - backends raise many types; all are judged here
             what = f"{type(error).__name__}: {error}"
             if _permanent(error):
-                raise ShardUnreadable("unreadable_shard", f"{redact(location)}: {what}") from None
+                raise ShardUnreadable(Reason.UNREADABLE_SHARD, f"{redact(location)}: {what}") from None
             if attempt == options.retries:
                 raise ShardUnreadable(
-                    "unreadable_shard", f"{redact(location)}: {what} (after {attempt + 1} tries)"
+                    Reason.UNREADABLE_SHARD, f"{redact(location)}: {what} (after {attempt + 1} tries)"
                 ) from None
             delay = options.backoff_s * 2**attempt
             warn(f"{redact(location)}: {what}; retrying in {delay:g} s")
@@ -147,7 +149,7 @@ def _with_retries(location: str, options: ReadOptions, attempt_once):
 def read_bytes(location: str, options: ReadOptions = DEFAULT_OPTIONS) -> bytes:
     """A small file (an index, a stats file) whole, with retries."""
     if is_pipe(location):
-        raise ShardUnreadable("unreadable_shard", f"{redact(location)}: only shards may be pipe: commands")
+        raise ShardUnreadable(Reason.UNREADABLE_SHARD, f"{redact(location)}: only shards may be pipe: commands")
     if is_local(location):
         with open(local_path(location), "rb") as file:
             return file.read()
@@ -177,10 +179,10 @@ def open_local(location: str) -> BinaryIO:
     path = local_path(location)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ShardUnreadable("unreadable_shard", f"{path}: not a regular file")
+            raise ShardUnreadable(Reason.UNREADABLE_SHARD, f"{path}: not a regular file")
         return open(path, "rb")
     except OSError as error:
-        raise ShardUnreadable("unreadable_shard", f"{path}: {type(error).__name__}: {error}") from None
+        raise ShardUnreadable(Reason.UNREADABLE_SHARD, f"{path}: {type(error).__name__}: {error}") from None
 
 
 def download(location: str, dest: str, options: ReadOptions) -> int:
@@ -213,7 +215,7 @@ def download(location: str, dest: str, options: ReadOptions) -> int:
 
 def _run_pipe(location: str, dest: str, options: ReadOptions) -> int:
     if not options.allow_pipe:
-        raise ShardUnreadable("unreadable_shard", f"{redact(location)}: pipe: commands need data.allow_pipe")
+        raise ShardUnreadable(Reason.UNREADABLE_SHARD, f"{redact(location)}: pipe: commands need data.allow_pipe")
 
     def attempt() -> int:
         with open(dest, "wb") as out:
@@ -266,14 +268,14 @@ class ShardCache:
         except FutureTimeout:
             self._forget(location)
             raise ShardUnreadable(
-                "unreadable_shard", f"{redact(location)}: no data after {self.options.timeout_s:g} s"
+                Reason.UNREADABLE_SHARD, f"{redact(location)}: no data after {self.options.timeout_s:g} s"
             ) from None
         except ShardUnreadable:
             self._forget(location)
             raise
         except OSError as error:
             self._forget(location)
-            raise ShardUnreadable("unreadable_shard", f"{redact(location)}: {error}") from None
+            raise ShardUnreadable(Reason.UNREADABLE_SHARD, f"{redact(location)}: {error}") from None
         self._evict(keep=location)
         return file
 

@@ -34,7 +34,8 @@ from PIL import Image
 from kosmos.data import sources
 from kosmos.data.config import CorpusConfig
 from kosmos.data.decode import DECODERS, SPLITTABLE_KINDS, Document
-from kosmos.data.shards import CorpusIndex, RawSample, ShardDamaged, SkipSample, read_samples
+from kosmos.data.shards import CorpusIndex, RawSample, ShardDamaged, read_samples
+from kosmos.data.skips import SHARD_REASONS, Counts, Reason, SkipSample, saved
 from kosmos.tokenizer import Encoded, Tokenizer
 
 # The skip-fraction rule judges a stream only once it has tried this many samples, and this many
@@ -69,9 +70,9 @@ class EncodedDocument:
     labels: torch.Tensor  # [T] long, shifted, -100 where nothing is learned
     images: torch.Tensor  # [n, 3, H, W]
     image_starts: list[int]  # position of each image's `<image>` token
-    dropped_images: Counter[str]
+    dropped_images: Counts
     # Skips counted when this document was read (a shard's samples beyond its index count).
-    counted: Counter[str] = field(default_factory=Counter)
+    counted: Counts = field(default_factory=Counter)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,7 +88,7 @@ def encode_document(document: Document, tokenizer: Tokenizer, num_image_tokens: 
     encoded = tokenizer.encode_interleaved(document.parts, num_image_tokens, learn=document.learn)
     markers = 2 + 2 * encoded.num_images  # <s>, </s>, and <image>, </image> around each image
     if len(encoded) - sum(encoded.image_mask) - markers <= 0:
-        raise SkipSample("no_tokens")
+        raise SkipSample(Reason.NO_TOKENS)
     return encoded
 
 
@@ -240,17 +241,17 @@ class LaneReader:
         except StopIteration:
             info = self.index.shards[self.shard]
             self.failure = SkipSample(
-                "shard_shorter_than_index",
+                Reason.SHARD_SHORTER_THAN_INDEX,
                 f"{info.name} holds {self.next_index} samples, the index says {info.samples}",
             )
             return self.failure
         except ShardDamaged as error:
             name = self.index.shards[self.shard].name
             if self.next_index == 0:  # not a tar stream at all
-                self.failure = self.failed[self.shard] = SkipSample("unreadable_shard", f"{name}: {error}")
+                self.failure = self.failed[self.shard] = SkipSample(Reason.UNREADABLE_SHARD, f"{name}: {error}")
                 sources.warn(f"corpus {self.corpus}: shard {name} skipped (unreadable_shard): {error}")
             else:
-                self.failure = SkipSample("truncated_shard", f"{name}: {error}")
+                self.failure = SkipSample(Reason.TRUNCATED_SHARD, f"{name}: {error}")
             return self.failure
         self.next_index += 1
         return sample
@@ -281,8 +282,8 @@ class VirtualStream:
         self.number, self.count, self.spans, self.window = number, count, spans, window
         self.opener = opener
         self.epoch = self.position = self.offset = self.tried = 0
-        self.skipped: Counter[str] = Counter()
-        self.dropped_images: Counter[str] = Counter()
+        self.skipped: Counts = Counter()
+        self.dropped_images: Counts = Counter()
         self._plan: EpochPlan | None = None
         self._lanes: list[LaneReader] = []
         self._window: tuple[int, int] | None = None  # (epoch, window number) of `_buffer`
@@ -339,8 +340,8 @@ class VirtualStream:
             "position": self.position,
             "offset": self.offset,
             "tried": self.tried,
-            "skipped": {k: v for k, v in self.skipped.items() if v},
-            "dropped_images": {k: v for k, v in self.dropped_images.items() if v},
+            "skipped": saved(self.skipped),
+            "dropped_images": saved(self.dropped_images),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -410,10 +411,10 @@ class CorpusStream:
             offset, stream.offset = stream.offset, 0
             ref, position, raw, extra = stream.next_raw()
             stream.tried += 1
-            counted = Counter({"shard_longer_than_index": extra} if extra else {})
+            counted = Counter({Reason.SHARD_LONGER_THAN_INDEX: extra} if extra else {})
             if extra:
                 stream.skipped.update(counted)
-                self.skip_log += [(ref, "shard_longer_than_index")] * extra
+                self.skip_log += [(ref, Reason.SHARD_LONGER_THAN_INDEX)] * extra
                 sources.warn(
                     f"corpus {self.corpus.name}: {ref.shard} holds {extra} samples beyond its index count"
                 )
@@ -426,7 +427,7 @@ class CorpusStream:
             except SkipSample as skip:
                 stream.skipped[skip.reason] += 1
                 self.skip_log.append((ref, skip.reason))
-                if skip.reason in ("unreadable_shard", "path_outside", "truncated_shard"):
+                if skip.reason in SHARD_REASONS:
                     self._failed_shards.pop(ref.shard, None)
                     self._failed_shards[ref.shard] = str(skip)
                     while len(self._failed_shards) > 5:
@@ -441,9 +442,9 @@ class CorpusStream:
             return document, offset
 
     @property
-    def skipped(self) -> Counter[str]:
+    def skipped(self) -> Counts:
         """Samples skipped so far by reason, over this stream's virtual streams."""
-        total: Counter[str] = Counter()
+        total: Counts = Counter()
         for stream in self.virtual:
             total.update(stream.skipped)
         return total
@@ -482,7 +483,7 @@ class CorpusStream:
         document = self.decode(raw, self.corpus)
         encoded = encode_document(document, self.tokenizer, self.num_image_tokens)
         if self.corpus.kind not in SPLITTABLE_KINDS and len(encoded) > self.seq_len:
-            raise SkipSample("too_long", f"{len(encoded)} tokens")
+            raise SkipSample(Reason.TOO_LONG, f"{len(encoded)} tokens")
         images = [self.transform(p) for p in document.parts if isinstance(p, Image.Image)]
         ids = torch.tensor(encoded.ids, dtype=torch.long)
         return EncodedDocument(
@@ -513,7 +514,7 @@ class CorpusStream:
             for key, counts in (("dropped_images", unread.dropped_images), ("skipped", unread.counted)):
                 left = Counter(state[key])
                 left.subtract(counts)
-                state[key] = {k: v for k, v in left.items() if v}
+                state[key] = saved(left)
             turn = [s.number for s in self.virtual].index(unread.stream)
         return {"turn": turn, "streams": {str(number): state for number, state in states.items()}}
 

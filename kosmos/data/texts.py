@@ -10,19 +10,19 @@ by reason, as the loader counts them.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from kosmos.data import sources
 from kosmos.data.config import CorpusConfig
 from kosmos.data.decode import DECODERS
-from kosmos.data.shards import ShardDamaged, SkipSample, read_index, read_samples
+from kosmos.data.shards import ShardDamaged, read_index, read_samples
+from kosmos.data.skips import Counts, Reason, SkipSample
 from kosmos.data.stream import ShardOpener, shuffled
 
 
 def corpus_texts(
-    location: str | Path, skipped: Counter[str], max_documents: int | None = None, seed: int = 0
+    location: str | Path, skipped: Counts, max_documents: int | None = None, seed: int = 0
 ) -> Iterator[list[str]]:
     """The text parts of each usable document of the corpus at `location` (a folder or URL, as a
     training config names it); skips are added to `skipped`."""
@@ -61,7 +61,7 @@ def corpus_texts(
             except sources.ShardUnreadable as error:
                 skipped[error.reason] += shard.samples - read
             except ShardDamaged:
-                skipped["truncated_shard"] += max(0, shard.samples - read)
+                skipped[Reason.TRUNCATED_SHARD] += max(0, shard.samples - read)
     finally:
         for each in cache:
             each.close()

@@ -71,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
     from kosmos.config import InputError
     from kosmos.data import image_transform
     from kosmos.data.decode import decode_image
-    from kosmos.data.shards import SkipSample
+    from kosmos.data.skips import SkipSample
     from kosmos.model import generate
 
     if not any(kind == "text" for kind, _ in args.parts):

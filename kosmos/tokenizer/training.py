@@ -91,11 +91,12 @@ def sample_sentences(
     folders: Iterable[str | Path], max_sentences: int, max_documents: int | None, seed: int
 ) -> tuple[list[str], TrainingReport]:
     """A uniform sample of the sentences of the corpora (`max_documents` per corpus at most)."""
+    from kosmos.data.skips import Counts, saved
     from kosmos.data.texts import corpus_texts
 
     sample = SentenceSample(max_sentences, seed)
     report = TrainingReport()
-    skipped: Counter[str] = Counter()
+    skipped: Counts = Counter()
     for folder in folders:
         documents = 0
         for texts in corpus_texts(folder, skipped, max_documents, seed):
@@ -104,7 +105,7 @@ def sample_sentences(
                 for sentence in sentences(text):
                     sample.add(sentence)
         report.documents[str(folder)] = documents
-    report.skipped = dict(sorted(skipped.items()))
+    report.skipped = saved(skipped)
     report.sentences_seen, report.sentences_used = sample.seen, len(sample.sentences)
     return sample.sentences, report
 

@@ -63,6 +63,7 @@ def probe_corpora(cfg: TrainConfig, indexes: dict, tokenizer, documents: int) ->
     loader's code."""
     from kosmos.data import DataError
     from kosmos.data.loader import corpus_reader
+    from kosmos.data.skips import saved
 
     model = cfg.model
     probes = {}
@@ -89,7 +90,7 @@ def probe_corpora(cfg: TrainConfig, indexes: dict, tokenizer, documents: int) ->
             "positions": positions,
             "images": images,
             "labelled": labelled,
-            "skipped": dict(sorted(stream.skipped.items())),
+            "skipped": saved(stream.skipped),
         }
     return probes
 

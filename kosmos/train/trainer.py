@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from kosmos import config as config_io
 from kosmos.checkpoint import load_weights, read_latest
+from kosmos.data.skips import Counts, saved
 from kosmos.model import KosmosModel, attention_pairs, training_flops
 from kosmos.model.attention import attends_per_document
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
@@ -279,10 +280,10 @@ class Trainer:
 
 
 def _sum_counts(per_rank) -> dict[str, int]:
-    total: Counter[str] = Counter()
+    total: Counts = Counter()
     for counts in per_rank:
         total.update(counts)
-    return dict(sorted(total.items()))
+    return saved(total)
 
 
 def train(cfg: TrainConfig, run_dir: Path, allowed_changes: list[str] | None = None) -> int:
