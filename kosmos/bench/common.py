@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from kosmos.cli import non_negative_int, positive_int
+from kosmos.threads import available_cores
 
 
 def add_common_arguments(parser, steps: int, warmup: int) -> None:
@@ -228,7 +229,7 @@ def machine(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return f"{platform.machine()} CPU, {cpu_count()} cores, {threads} threads, load {load_average()}"
+    return f"{platform.machine()} CPU, {available_cores()} cores, {threads} threads, load {load_average()}"
 
 
 def load_average() -> str:
@@ -266,6 +267,3 @@ def cell(value) -> str:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0))

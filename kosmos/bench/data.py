@@ -11,8 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from kosmos.bench.common import cpu_count
 from kosmos.cli import non_negative_int, positive_int
+from kosmos.threads import available_cores, configure_threads
 
 
 def register(benches: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def bench_data(args: argparse.Namespace) -> int:
     from kosmos.train.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
+    configure_threads(cfg.data.num_workers, cfg.train.threads)
     tokenizer = Tokenizer(cfg.tokenizer)
     image_size = cfg.model.vision.image_size
     samples: Counter[str] = Counter()
@@ -66,7 +67,7 @@ def bench_data(args: argparse.Namespace) -> int:
     report = {
         "benchmark": "data",
         "config": str(args.config),
-        "machine": f"{platform.machine()} CPU, {cpu_count()} cores",
+        "machine": f"{platform.machine()} CPU, {available_cores()} cores",
         "num_workers": cfg.data.num_workers,
         "source": args.serve or "local",
         "steps": args.steps,

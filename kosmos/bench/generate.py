@@ -18,6 +18,7 @@ from kosmos.bench.common import (
     transformers_twin,
 )
 from kosmos.cli import positive_int
+from kosmos.threads import configure_threads
 
 NEVER = -1  # an end-of-sequence id no token has: benchmarked generations run their full length
 
@@ -45,6 +46,7 @@ def bench_generate(args: argparse.Namespace) -> int:
     from kosmos.train.engine import use_bf16
 
     cfg = load_bench_config(args.config, args.overrides)
+    configure_threads(setting=cfg.train.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if use_bf16(cfg.deepspeed.bf16) else torch.float32
     length = args.prompt_tokens + cfg.model.connector.num_queries + 4  # <s> <image> </image> </s>

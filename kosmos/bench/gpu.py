@@ -25,6 +25,7 @@ import time
 from kosmos.bench.common import load_bench_config, synthetic_packed_batch, timed
 from kosmos.cli import positive_int
 from kosmos.config import ConfigError
+from kosmos.threads import configure_threads
 
 # Agreement with the reference in bf16: relative error of the logits, cosine of each gradient.
 LOGITS_RELATIVE_ERROR = 2e-2
@@ -55,6 +56,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.budget
     cfg = load_bench_config(args.config, args.overrides)
+    configure_threads(setting=cfg.train.threads)
     device = torch.device("cuda")
     report = {
         "benchmark": "gpu",

@@ -22,6 +22,7 @@ import time
 from kosmos.bench.common import machine, synchronize, transformers_twin
 from kosmos.cli import positive_int
 from kosmos.config import ConfigError
+from kosmos.threads import configure_threads
 
 
 def register(benches: argparse._SubParsersAction) -> None:
@@ -57,6 +58,8 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
         raise ConfigError("--steps and --smooth: must be at least 1")
     cfg = load_train_config(args.config, args.overrides)
     check_inputs(cfg)
+    # The loader's workers have produced every step before the first is timed.
+    configure_threads(setting=cfg.train.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     queries = cfg.model.connector.num_queries
     loader = build_loader(cfg.data, Tokenizer(cfg.tokenizer), cfg.model.vision.image_size, queries)

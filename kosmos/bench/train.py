@@ -27,6 +27,7 @@ from kosmos.bench.common import (
 )
 from kosmos.cli import positive_int
 from kosmos.config import ConfigError
+from kosmos.threads import configure_threads
 
 
 def register(benches: argparse._SubParsersAction) -> None:
@@ -62,6 +63,7 @@ def register(benches: argparse._SubParsersAction) -> None:
 
 def bench_train(args: argparse.Namespace) -> int:
     cfg = load_bench_config(args.config, args.overrides)
+    configure_threads(setting=cfg.train.threads)
     if args.memory:
         return memory_sweep(args, cfg)
     if args.hf and (args.images_per_row < 1 or args.packed):

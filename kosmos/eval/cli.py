@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kosmos.cli import positive_int
 from kosmos.config import ConfigError
+from kosmos.threads import configure_threads
 
 COMPILE_HELP = (
     "decode with torch.compile'd steps: the same text, faster over many prompts after a one-time "
@@ -106,6 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
         f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     )
     model, tokenizer, model_cfg = load_for_eval(args.checkpoint, device)
+    configure_threads()  # once the inputs are known to be good: an error stays one line
     embedder = ClipEmbedder(args.retrieval_clip, args.retrieval_weights, device) if retrieval else None
     results = evaluate(
         ModelBackend(model, tokenizer, options.batch_size, args.compile),
@@ -182,6 +184,7 @@ def _mmcot_backend(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_for_eval(args.checkpoint, device)
+    configure_threads()
     return ModelBackend(model, tokenizer, args.batch_size, args.compile), checkpoint_identity(
         args.checkpoint, model
     )

@@ -8,6 +8,7 @@ import json
 import sys
 
 from kosmos.cli import positive_int
+from kosmos.threads import configure_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,6 +94,7 @@ def _generate(args: argparse.Namespace) -> int:
     # log handler to whatever stdout is at that moment.
     with contextlib.redirect_stdout(sys.stderr):
         model, tokenizer, model_cfg = load_model_from_checkpoint(args.checkpoint, device)
+    configure_threads()  # once the inputs are known to be good: an error stays one line
 
     transform = image_transform(model_cfg.vision.image_size)
     pictures = [transform(p) for p in parts if not isinstance(p, str)]

@@ -20,7 +20,6 @@ Settings, for the paper's 64k tokenizer (vocabulary 64,007 in the fairseq layout
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from kosmos.threads import available_cores
 from kosmos.tokenizer import SENTENCEPIECE_LAYOUT, Tokenizer, TokenizerError
 
 # SentencePiece drops longer sentences (its `max_sentence_length`, in bytes); longer lines are cut
@@ -133,7 +133,7 @@ def train_sentencepiece(
                 character_coverage=character_coverage,
                 byte_fallback=byte_fallback,
                 max_sentence_length=MAX_SENTENCE_BYTES,
-                num_threads=threads or os.cpu_count() or 1,
+                num_threads=threads or available_cores(),
                 minloglevel=2,
                 **SENTENCEPIECE_LAYOUT,
             )

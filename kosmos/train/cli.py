@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kosmos.threads import configure_threads
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
@@ -60,5 +62,6 @@ def _train(args: argparse.Namespace) -> int:
     from kosmos.train.trainer import train
 
     cfg = load_train_config(args.config, args.overrides)
+    configure_threads(cfg.data.num_workers, cfg.train.threads)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     return train(cfg, run_dir, args.allow_config_change)

@@ -39,11 +39,16 @@ class LoopConfig:
     init_from: str | None = None
     # torch.compile each decoder layer (fuses its element-wise work; compiled once, on the first step).
     compile: bool = False
+    # Intra-op threads of each training process (default: its cores less one per loader worker;
+    # kosmos.threads).
+    threads: int | None = None
 
     def validate(self, prefix: str) -> None:
         for name in ("max_steps", "log_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"{prefix}.threads: must be at least 1 (or null: chosen from the cores)")
 
 
 @dataclass

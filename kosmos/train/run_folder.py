@@ -44,6 +44,7 @@ FREE_ON_RESUME = (
     "train.max_nonfinite_steps",
     "train.init_from",
     "train.compile",
+    "train.threads",
     "checkpoint.",
     "logging.",
     "deepspeed.activation_checkpointing",
