@@ -48,7 +48,7 @@ MAKE_RUNS = textwrap.dedent(
                 p.add_(torch.randn_like(p) * 0.2)
         if stage == 2:
             torch.save(model.state_dict(), out / "reference.pt")
-        config = json.loads((repo / f"configs/deepspeed/zero{stage}.json").read_text())
+        config = json.loads((repo / f"kosmos/configs/deepspeed/zero{stage}.json").read_text())
         config["train_micro_batch_size_per_gpu"] = 1
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

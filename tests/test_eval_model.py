@@ -140,7 +140,7 @@ def test_tasks_run_end_to_end_with_the_model(backend, tmp_path):
             )
         )
     (tasks / "raven.yaml").write_text(
-        (Path(__file__).parents[1] / "configs/eval/raven_generated.yaml")
+        (Path(__file__).parents[1] / "kosmos/configs/eval/raven_generated.yaml")
         .read_text()
         .replace("count: 500", "count: 2")
         .replace("image_size: 160", "image_size: 32")

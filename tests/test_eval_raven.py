@@ -370,7 +370,7 @@ class IndifferentBackend:
 def test_results_and_report_give_the_baselines_on_the_same_puzzles(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    source = Path(__file__).parents[1] / "configs/eval/raven_generated.yaml"
+    source = Path(__file__).parents[1] / "kosmos/configs/eval/raven_generated.yaml"
     (tasks / "raven.yaml").write_text(
         source.read_text().replace("count: 500", "count: 60").replace("image_size: 160", "image_size: 16")
     )

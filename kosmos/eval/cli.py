@@ -28,14 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="zero- and few-shot evaluation (captioning, VQA, Raven, chain-of-thought, classification)",
-        description="Evaluate a checkpoint on tasks defined in configs/eval/*.yaml. Under torchrun the "
-        "samples are sharded over the ranks and rank 0 writes the results.",
+        description="Evaluate a checkpoint on tasks defined in YAML files (the stock ones ship in the "
+        "package, kosmos/configs/eval/). Under torchrun the samples are sharded over the ranks and rank 0 "
+        "writes the results.",
     )
     parser.add_argument(
         "--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint folder"
     )
     parser.add_argument(
-        "--tasks", required=True, help="comma-separated task names (configs/eval/NAME.yaml) or YAML paths"
+        "--tasks",
+        required=True,
+        help="comma-separated task names (NAME.yaml in --task-dir) or YAML paths",
     )
     parser.add_argument(
         "--out", required=True, type=Path, help="output folder; a rerun continues from its cache"
@@ -59,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data-root", type=Path, default=Path("."), help="folder the tasks' data roots are in"
     )
-    parser.add_argument("--task-dir", type=Path, help="where task names are looked up (default configs/eval)")
+    parser.add_argument(
+        "--task-dir", type=Path, help="where task names are looked up (default: the stock tasks, kosmos/configs/eval)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of demonstration draws and bootstrap")
     parser.add_argument("--device", help="default: cuda (the rank's GPU) when available, else cpu")
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)

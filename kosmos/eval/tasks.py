@@ -1,4 +1,5 @@
-"""Evaluation tasks: one YAML file per benchmark under `configs/eval/`, validated before any compute.
+"""Evaluation tasks: one YAML file per benchmark (the stock ones in `kosmos/configs/eval/`), validated
+before any compute.
 
 A task says where its data is and in which format, how a prompt is laid out, how the model answers
 (generate text, rank text choices, or rank candidate images) and which metrics score it. Prompt
@@ -15,10 +16,8 @@ from typing import Literal
 
 from kosmos import config as config_io
 from kosmos.config import ConfigError
+from kosmos.configs import packaged
 from kosmos.eval.metrics import METRICS
-
-# The repository's task folder (next to the package in a checkout).
-DEFAULT_TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 
 KINDS = ("generate", "rank_choices", "rank_images")
 
@@ -186,7 +185,7 @@ def task_path(name_or_path: str, task_dir: str | Path | None = None) -> Path:
         if not candidate.is_file():
             raise ConfigError(f"task file {candidate} does not exist")
         return candidate
-    folder = Path(task_dir) if task_dir is not None else DEFAULT_TASK_DIR
+    folder = Path(task_dir) if task_dir is not None else packaged("eval")
     path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
@@ -209,5 +208,5 @@ def load_task(
 
 
 def list_tasks(task_dir: str | Path | None = None) -> list[str]:
-    folder = Path(task_dir) if task_dir is not None else DEFAULT_TASK_DIR
+    folder = Path(task_dir) if task_dir is not None else packaged("eval")
     return sorted(p.stem for p in folder.glob("*.yaml"))

@@ -87,7 +87,7 @@ class CheckpointConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """What selects and adjusts the stock DeepSpeed configs in `configs/deepspeed/`."""
+    """What selects and adjusts the stock DeepSpeed configs in `kosmos/configs/deepspeed/`."""
 
     zero_stage: int = 2
     # ZeRO-Offload: optimizer state (stage 2) or optimizer state and parameters (stage 3) in host memory.

@@ -6,16 +6,14 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from kosmos.config import ConfigError
+from kosmos.configs import packaged
 from kosmos.train.config import TrainConfig
 from kosmos.train.optim import build_lr_schedule, build_optimizer
-
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 @dataclass
@@ -95,7 +93,7 @@ def deepspeed_config(
     """
     ds = cfg.deepspeed
     name = f"zero{ds.zero_stage}{'_offload' if ds.offload else ''}.json"
-    config = json.loads((DEEPSPEED_CONFIGS / name).read_text())
+    config = json.loads((packaged("deepspeed") / name).read_text())
     config.update(
         train_micro_batch_size_per_gpu=cfg.data.micro_batch_size,
         gradient_accumulation_steps=micro_batches_per_step,

@@ -1,0 +1,80 @@
+"""An installed kosmos (a built wheel, not the checkout) works from any folder: it finds the configs it
+reads itself (DeepSpeed's, the stock evaluation tasks) inside the package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PIP = [sys.executable, "-m", "pip"]
+
+
+def run(command: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    # No PYTHONPATH: the checkout must not be importable, only what the wheel installed.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        [str(c) for c in command],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, (
+        f"{' '.join(map(str, command))}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    )
+    return done
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh virtualenv with the wheel built from this checkout; torch and the other dependencies
+    are read from the environment running the tests. Returns the virtualenv's `bin/`."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"  # built from a copy: the build leaves build/ and *.egg-info behind
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    shutil.copytree(REPO / "kosmos", source / "kosmos", ignore=shutil.ignore_patterns("__pycache__"))
+    offline = ["-q", "--no-deps", "--no-index"]
+    run([*PIP, "wheel", *offline, "--no-build-isolation", "-w", root / "dist", source], root)
+    [wheel] = (root / "dist").glob("kosmos-*.whl")
+    venv = root / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv], root)
+    # The dependencies: this environment's site-packages as a plain path, after the new one's own (its
+    # .pth files are not run, so an editable kosmos there stays invisible).
+    purelib = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+    Path(purelib, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    run([*PIP, "--python", venv / "bin/python", "install", *offline, wheel], root)
+    return venv / "bin"
+
+
+@pytest.mark.slow
+def test_the_wheel_trains_and_finds_its_configs_from_another_folder(installed, tmp_path):
+    where = run([installed / "python", "-c", "import kosmos; print(kosmos.__file__)"], tmp_path).stdout
+    assert Path(where.strip()).is_relative_to(installed.parent)
+    tasks = "from kosmos.eval.tasks import load_task; print(load_task('digits_vqa').name)"
+    assert "digits_vqa" in run([installed / "python", "-c", tasks], tmp_path).stdout
+
+    run([installed / "kosmos", "data", "sample", "--out", "sample"], tmp_path)
+    config = REPO / "configs/train/tiny.yaml"
+    inputs = [f"tokenizer={tmp_path / 'sample/tokenizer.model'}"]
+    inputs += [
+        f"data.corpora.{i}.path={tmp_path / 'sample' / kind}"
+        for i, kind in enumerate(("text", "caption", "interleaved"))
+    ]
+    plan = run([installed / "kosmos", "train", "--config", config, "--dry-run", *inputs], tmp_path).stdout
+    assert "ZeRO" in plan
+    short = ["train.max_steps=2", "checkpoint.interval=2", "data.num_workers=0", "logging.progress_bar=false"]
+    run([installed / "kosmos", "train", "--config", config, "--run-dir", "run", *inputs, *short], tmp_path)
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000002"
