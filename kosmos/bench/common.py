@@ -46,7 +46,7 @@ def load_bench_config(path: str | Path, overrides: list[str]):
 
 
 def synthetic_batch(model_cfg, rows: int, seq_len: int, images_per_row: int, seed: int = 0) -> dict:
-    """A batch of the training contract (DESIGN section 3): one document per row filling it,
+    """A batch of the batch contract (docs/design.md): one document per row filling it,
     `<s> text (<image> slots </image> text)* </s>` with random token ids and images."""
     import torch
 
@@ -130,7 +130,7 @@ def synthetic_packed_batch(cfg, rows: int, seq_len: int, seed: int = 0, spread: 
 
 def packed_rows(cfg, corpus: str) -> dict:
     """One micro-batch of the config's shape, its rows packed by the data loader from the documents
-    of the config's corpus named `corpus` (DESIGN section 3; several documents per row)."""
+    of the config's corpus named `corpus` (docs/design.md; several documents per row)."""
     import dataclasses
 
     from kosmos.config import ConfigError

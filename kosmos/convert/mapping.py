@@ -1,6 +1,6 @@
 """Our layout <-> `transformers`' Kosmos-2: configurations and parameter names.
 
-The two layouts are the same network (DESIGN section 2), so converting is renaming, plus splitting
+The two layouts are the same network (docs/design.md, "The model"), so converting is renaming, plus splitting
 (or fusing) open_clip's `in_proj` of each vision block into q/k/v projections. The vision names also
 cover `transformers`' CLIP vision tower, whose parameters Kosmos-2 names the same way.
 """

@@ -1,4 +1,5 @@
-"""Packing documents into rows of `seq_len` positions, and rows into batches (DESIGN section 3).
+"""Packing documents into rows of `seq_len` positions, and rows into batches (docs/design.md,
+"The batch contract").
 
 A row holds whole documents in reading order. When the next document does not fit in what is left
 of a row, a splittable one (text, interleaved) fills the rest and continues in the next row, cut
@@ -82,7 +83,7 @@ class RowPacker:
 
 
 def collate(rows: list[Row], sources: list[str], seq_len: int, image_size: int) -> dict:
-    """The batch dict of DESIGN section 3 for these rows."""
+    """The batch of docs/design.md ("The batch contract") for these rows."""
     batch = len(rows)
     input_ids = torch.full((batch, seq_len), PAD, dtype=torch.long)
     image_mask = torch.zeros(batch, seq_len, dtype=torch.bool)

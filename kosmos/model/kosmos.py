@@ -1,6 +1,6 @@
 """The KOSMOS-1 model: a Magneto decoder reading text with CLIP image embeddings spliced in.
 
-Layout (DESIGN section 2): pre-LN blocks with Magneto sub-LayerNorms, exact GELU, token embeddings
+Layout (docs/design.md, "The model"): pre-LN blocks with Magneto sub-LayerNorms, exact GELU, token embeddings
 scaled by sqrt(width) and tied to the LM head, fairseq sinusoidal positions (or xPos), and an
 attentive-pooling connector turning each image's CLIP tokens into `num_queries` embeddings that
 replace the image-slot embeddings before the scaling. Parameter names follow `transformers`' Kosmos-2.

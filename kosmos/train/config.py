@@ -53,7 +53,7 @@ class LoopConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warm-up then linear decay to zero at `train.max_steps` (DESIGN section 5)."""
+    """AdamW with linear warm-up then linear decay to zero at `train.max_steps` (docs/training.md)."""
 
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.98)
