@@ -47,10 +47,14 @@ def demo(tmp_path_factory):
 
 def test_demo_trains_to_the_end(demo):
     assert (demo / "sample/tokenizer.model").is_file() and (demo / "sample/eval/classes.json").is_file()
-    log = [json.loads(line) for line in (demo / "runs/tiny/metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (demo / "runs/tiny/metrics.jsonl").read_text().splitlines()]
+    log = [record for record in records if "loss" in record]  # the training records
     config = yaml.safe_load((demo / "runs/tiny/config.yaml").read_text())
     assert log[-1]["step"] == config["train"]["max_steps"]
     assert log[-1]["loss_caption"] < log[0]["loss_caption"] / 4
+    validation = [record for record in records if "val_loss" in record]
+    assert validation[-1]["step"] == config["train"]["max_steps"]
+    assert validation[-1]["val_loss_caption"] < validation[0]["val_loss_caption"] / 2
 
 
 def test_demo_model_reads_held_out_digits_well_above_chance(demo):

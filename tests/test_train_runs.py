@@ -1,5 +1,6 @@
 """End-to-end training runs on the sample corpus: exact resume under ZeRO-2/3 on two ranks, two
-simulated nodes, a save killed halfway, non-finite steps, pre-emption signals, the trainable set.
+simulated nodes, a save killed halfway, non-finite steps, pre-emption signals, the trainable set,
+validation passes.
 
 Every run is a real `kosmos train` process (under torchrun where there are several ranks) with the
 tiny model cut to two layers and short sequences.
@@ -94,9 +95,12 @@ def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command, check=False, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
-def metrics(run_dir: Path) -> dict[int, dict]:
+def metrics(run_dir: Path, key: str = "loss") -> dict[int, dict]:
+    """The training records (or those holding `key`: "val_loss") by step; a step has at most one."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {record["step"]: record for record in map(json.loads, lines)}
+    found = [record for record in map(json.loads, lines) if key in record]
+    assert len(found) == len({record["step"] for record in found})
+    return {record["step"]: record for record in found}
 
 
 def assert_same_steps(first: dict, second: dict, steps: range) -> None:
@@ -538,3 +542,36 @@ def test_a_launch_refused_after_locking_a_new_folder_leaves_nothing(recipe, tmp_
     result = run(train_command(recipe, run_dir, "data.micro_batch_size=3"))  # found by the loader
     assert result.returncode == 2 and "data.micro_batch_size" in result.stderr
     assert not run_dir.exists()
+
+
+# Dropout on, so that a validation pass that moved the random state would change the training.
+NINE_STEPS = ["train.max_steps=9", "checkpoint.interval=4", "model.text.dropout=0.1"]
+
+
+def test_training_is_bit_identical_with_validation_and_a_resume_keeps_its_points(recipe, sample, tmp_path):
+    plain, validated, resumed = tmp_path / "plain", tmp_path / "validated", tmp_path / "resumed"
+    validation = [
+        "train.eval_interval=4",
+        f"data.validation.corpora=[{{kind: caption, path: {sample / 'caption'}, tokens_per_step: 1}}]",
+        "data.validation.rows=4",
+    ]
+    result = run(train_command(recipe, plain, *NINE_STEPS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run(train_command(recipe, validated, *NINE_STEPS, *validation))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The training records are the same to the bit.
+    assert_same_steps(metrics(plain), metrics(validated), range(1, 10))
+    points = metrics(validated, "val_loss")
+    assert sorted(points) == [4, 8, 9]  # every eval_interval steps, and the end
+    assert points[9]["val_loss"] < points[4]["val_loss"]
+
+    # Resumed from the step-4 checkpoint: points 8 and 9 again, once each, with the same values.
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(validated / "checkpoints" / checkpoint_tag(4), resumed / "checkpoints" / checkpoint_tag(4))
+    (resumed / "checkpoints" / "latest").write_text(checkpoint_tag(4))
+    result = run(train_command(recipe, resumed, *NINE_STEPS, *validation))
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = metrics(resumed, "val_loss")
+    assert sorted(again) == [8, 9]
+    for step in (8, 9):
+        assert again[step]["val_loss"] == points[step]["val_loss"]

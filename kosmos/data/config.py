@@ -20,7 +20,7 @@ A corpus path is a local folder (relative to the working directory) or an fsspec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kosmos.config import ConfigError
@@ -57,6 +57,44 @@ class CorpusConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """The held-out set the validation loss is measured on (`train.eval_interval` says how often).
+
+    Either `holdout`, a share of every training corpus (chosen by a hash of each sample's shard and
+    key, `kosmos.data.holdout`, and never trained on), or validation corpora of their own (any source a
+    training corpus may have).
+    """
+
+    holdout: float = 0.0
+    # Their `tokens_per_step` plays no part.
+    corpora: list[CorpusConfig] = field(default_factory=list)
+    # Packed rows of `seq_len` per corpus (fewer if its held-out samples run out first), read in the
+    # corpus's epoch-0 order with one stream: the same set whatever the world size. With `holdout`,
+    # reading them scans about rows / holdout rows' worth of each corpus, once per launch.
+    rows: int = 32
+
+    @property
+    def enabled(self) -> bool:
+        return self.holdout > 0 or bool(self.corpora)
+
+    def validate(self, prefix: str) -> None:
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"{_key(prefix, 'holdout')}: must lie in [0, 1)")
+        if self.holdout and self.corpora:
+            raise ConfigError(
+                f"{_key(prefix, 'corpora')}: give either a holdout share or validation corpora, not both"
+            )
+        names = [c.name for c in self.corpora]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(
+                    f"{_key(prefix, 'corpora')}[{i}].name: {name!r} is used twice (names must differ)"
+                )
+        if self.rows < 1:
+            raise ConfigError(f"{_key(prefix, 'rows')}: must be at least 1")
+
+
+@dataclass
 class DataConfig:
     corpora: list[CorpusConfig]
     seq_len: int = 2048
@@ -86,6 +124,7 @@ class DataConfig:
     # A corpus stops training (DataError) when a stream has skipped more than this fraction of the
     # samples it tried (checked once it has tried at least 8 shards' worth, and 1,000).
     max_skip_fraction: float = 0.5
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self, prefix: str) -> None:
         if not self.corpora:
@@ -113,8 +152,11 @@ class DataConfig:
     def check_paths(self, prefix: str) -> None:
         """Every corpus's index can be read and holds the kind the config says; its shards lie where
         this installation can read them (`pipe:` names only with `allow_pipe`)."""
-        for i, corpus in enumerate(self.corpora):
-            key = f"{_key(prefix, 'corpora')}[{i}]"
+        listed = [(f"{_key(prefix, 'corpora')}[{i}]", c) for i, c in enumerate(self.corpora)]
+        listed += [
+            (f"{_key(prefix, 'validation.corpora')}[{i}]", c) for i, c in enumerate(self.validation.corpora)
+        ]
+        for key, corpus in listed:
             shown = sources.redact(corpus.path)
             _check_protocol(corpus.path, f"{key}.path")
             if not sources.exists(index_location(corpus.path)):

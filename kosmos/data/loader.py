@@ -37,6 +37,7 @@ from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.config import CorpusConfig, DataConfig
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
+from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
 from kosmos.data.shards import CorpusIndex, read_index
 from kosmos.data.skips import Counts
@@ -116,9 +117,11 @@ def corpus_reader(
     tokenizer: Tokenizer,
     image_size: int,
     num_image_tokens: int,
+    holdout: Holdout | None = None,
 ) -> Iterator[CorpusStream]:
     """The whole of one corpus as a single stream in its epoch order, read as training reads it
-    (sources, cache, decoding, skip counting): for a look at a corpus outside training."""
+    (sources, cache, decoding, skip counting): for a look at a corpus outside training, or its
+    held-out samples (`holdout`)."""
     cache: list[sources.ShardCache] = []
 
     def shard_cache() -> sources.ShardCache:
@@ -141,6 +144,7 @@ def corpus_reader(
         window=cfg.shuffle_window,
         opener=ShardOpener(index, shard_cache),
         max_skip_fraction=cfg.max_skip_fraction,
+        holdout=holdout,
     )
     try:
         yield stream
@@ -173,6 +177,7 @@ class StepBuilder:
         self.options = read_options(cfg)
         self.cache_root = cache_root
         self._cache: sources.ShardCache | None = None
+        holdout = Holdout(cfg.validation.holdout, validation=False) if cfg.validation.holdout else None
         self.packers = {
             corpus.name: RowPacker(
                 CorpusStream(
@@ -190,6 +195,7 @@ class StepBuilder:
                     window=cfg.shuffle_window,
                     opener=ShardOpener(indexes[corpus.name], self.cache),
                     max_skip_fraction=cfg.max_skip_fraction,
+                    holdout=holdout,
                 ),
                 cfg.seq_len,
                 splittable=corpus.kind in SPLITTABLE_KINDS,
@@ -426,13 +432,16 @@ class StepLoader:
 
     def _content(self) -> dict:
         """What a state must share with this loader to be resumed at all."""
-        return {
+        content = {
             "seed": self.cfg.seed,
             "corpora": {
                 name: {"shards": len(index.shards), "samples": index.num_samples}
                 for name, index in self.indexes.items()
             },
         }
+        if self.cfg.validation.holdout:  # which samples are trained on
+            content["holdout"] = self.cfg.validation.holdout
+        return content
 
     def state_dict(self) -> dict:
         return {
@@ -452,7 +461,7 @@ class StepLoader:
         for saved in states:
             if saved.get("version") != STATE_VERSION:
                 raise ConfigError(f"data: loader state version {saved.get('version')} is not {STATE_VERSION}")
-            content = {key: saved[key] for key in self._content()}
+            content = {key: saved.get(key) for key in self._content()}
             if content != self._content():
                 raise ConfigError(
                     f"data: the loader state does not fit this run (saved {content}, now {self._content()}); "

@@ -34,8 +34,9 @@ from PIL import Image
 from kosmos.data import sources
 from kosmos.data.config import CorpusConfig
 from kosmos.data.decode import DECODERS, SPLITTABLE_KINDS, Document
+from kosmos.data.holdout import Holdout
 from kosmos.data.shards import CorpusIndex, RawSample, ShardDamaged, read_samples
-from kosmos.data.skips import SHARD_REASONS, Counts, Reason, SkipSample, saved
+from kosmos.data.skips import DELIBERATE_REASONS, SHARD_REASONS, Counts, Reason, SkipSample, saved
 from kosmos.tokenizer import Encoded, Tokenizer
 
 # The skip-fraction rule judges a stream only once it has tried this many samples, and this many
@@ -382,8 +383,10 @@ class CorpusStream:
         window: int,
         opener: ShardOpener,
         max_skip_fraction: float,
+        holdout: Holdout | None = None,
     ):
         self.corpus = corpus
+        self.holdout = holdout
         self.index = index
         self.tokenizer = tokenizer
         self.transform = transform
@@ -410,7 +413,6 @@ class CorpusStream:
             stream = self.virtual[self.turn]
             offset, stream.offset = stream.offset, 0
             ref, position, raw, extra = stream.next_raw()
-            stream.tried += 1
             counted = Counter({Reason.SHARD_LONGER_THAN_INDEX: extra} if extra else {})
             if extra:
                 stream.skipped.update(counted)
@@ -418,6 +420,12 @@ class CorpusStream:
                 sources.warn(
                     f"corpus {self.corpus.name}: {ref.shard} holds {extra} samples beyond its index count"
                 )
+            if self.holdout is not None and not isinstance(raw, SkipSample):
+                reason = self.holdout.skip_reason(ref.shard, raw.key, ref.epoch)
+                if reason is not None:  # passed over on purpose: neither tried nor a miss
+                    stream.skipped[reason] += 1
+                    continue
+            stream.tried += 1
             try:
                 if isinstance(raw, SkipSample):
                     raise raw
@@ -453,7 +461,7 @@ class CorpusStream:
         """Stop when the corpus can no longer feed this stream: nothing usable in two corpora's worth
         of samples in a row, or more than `max_skip_fraction` of the samples tried skipped."""
         tried = sum(s.tried for s in self.virtual)
-        skipped = sum(self.skipped.values())
+        skipped = sum(n for reason, n in self.skipped.items() if reason not in DELIBERATE_REASONS)
         shards = len(self.index.shards)
         judged = tried >= max(
             MIN_TRIED_FOR_FRACTION, MIN_SHARDS_FOR_FRACTION * self.index.num_samples / shards

@@ -42,6 +42,8 @@ class LoopConfig:
     # Intra-op threads of each training process (default: its cores less one per loader worker;
     # kosmos.threads).
     threads: int | None = None
+    # The validation loss on `data.validation` every this many steps, and at the end (0: at the end only).
+    eval_interval: int = 0
 
     def validate(self, prefix: str) -> None:
         for name in ("max_steps", "log_interval", "max_nonfinite_steps"):
@@ -49,6 +51,8 @@ class LoopConfig:
                 raise ConfigError(f"{prefix}.{name}: must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{prefix}.threads: must be at least 1 (or null: chosen from the cores)")
+        if self.eval_interval < 0:
+            raise ConfigError(f"{prefix}.eval_interval: must not be negative")
 
 
 @dataclass
@@ -131,6 +135,13 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, prefix: str) -> None:
+        if self.train.eval_interval and not self.data.validation.enabled:
+            raise ConfigError(
+                "train.eval_interval: there is no held-out set; set data.validation.holdout or "
+                "data.validation.corpora"
+            )
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -14,6 +14,12 @@ steps (skipped non-finite steps left out), over all ranks:
   dropped_images                 {reason: count} of images left out of kept interleaved documents
   skipped_nonfinite_steps        steps whose loss or gradient was not finite, since the start
 
+and, at each validation point (`train.eval_interval`, and the end), a record of its own:
+
+  step, val_loss, val_loss_<source>  mean loss on the held-out set (`kosmos.train.validation`)
+  val_labelled_tokens                labelled tokens of the set, all ranks
+  val_seconds                        the validation pass, wall-clock
+
 MFU = FLOPs performed per second / (ranks x peak FLOP/s of one device), the FLOPs counted by
 `kosmos.model.flops.training_flops` from the interval's positions, labelled positions, images and
 attention pairs (the LM head only where labels are learned; attention per document on the flash-attn
@@ -142,7 +148,7 @@ class MetricsLogger:
         step = record["step"]
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         for group in ("skipped_samples", "dropped_images"):
-            scalars.update({f"{group}/{k}": v for k, v in record[group].items()})
+            scalars.update({f"{group}/{k}": v for k, v in record.get(group, {}).items()})
         if self.tensorboard is not None:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(key, value, step)

@@ -45,6 +45,10 @@ FREE_ON_RESUME = (
     "train.init_from",
     "train.compile",
     "train.threads",
+    "train.eval_interval",
+    # What the validation loss is measured on (the held-out share is not free: it decides what is trained on).
+    "data.validation.corpora",
+    "data.validation.rows",
     "checkpoint.",
     "logging.",
     "deepspeed.activation_checkpointing",

@@ -35,6 +35,7 @@ from kosmos.train.optim import follow_config
 from kosmos.train.preemption import StopRequest
 from kosmos.train.run_folder import RunLock, record_launch, resume_changes
 from kosmos.train.state import TrainState, rng_state, seed_everything, set_rng_state
+from kosmos.train.validation import ValidationSet
 
 T = TypeVar("T")
 
@@ -51,15 +52,28 @@ class Trainer:
         self.bf16 = use_bf16(cfg.deepspeed.bf16)
         from kosmos.data import build_loader
 
+        tokenizer = Tokenizer(cfg.tokenizer)
         # First, as it checks the step layout against the world size (a config error).
         self.loader = build_loader(
             cfg.data,
-            Tokenizer(cfg.tokenizer),
+            tokenizer,
             rank=env.rank,
             world_size=env.world_size,
             image_size=cfg.model.vision.image_size,
             num_image_tokens=cfg.model.connector.num_queries,
         )
+        self.validation = None
+        if cfg.data.validation.enabled:
+            self.validation = ValidationSet(
+                cfg.data,
+                tokenizer,
+                cfg.model.vision.image_size,
+                cfg.model.connector.num_queries,
+                env.rank,
+                env.world_size,
+            )
+            rows = ", ".join(f"{name} {n}" for name, n in self.validation.rows.items())
+            self._print(f"validation set: rows of {cfg.data.seq_len} per corpus: {rows}")
         # Identical initial weights on every rank: ZeRO-3 partitions each rank's own copy.
         seed_everything(cfg.train.seed)
         self.model = KosmosModel(cfg.model)
@@ -261,6 +275,12 @@ class Trainer:
                     f"{self.checkpoints.root / latest if latest else 'none'}."
                 )
                 return 1
+            if self.validation is not None and (
+                state.step == cfg.train.max_steps
+                or (cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0)
+            ):
+                # Before the checkpoint of the same step: a resume from it goes on after this point.
+                self.metrics.log({"step": state.step, **self.validation.loss(self.engine, self.env.device)})
             if saving:
                 self._save()
             if stopping:
