@@ -19,9 +19,10 @@ def leave_one_out_reference(prediction: str, humans: list[str]) -> float:
 # (prediction, human answers, score in %) computed by running the official scoring code on each case:
 # VQAv2 by `PythonEvaluationTools/vqaEvaluation/vqaEval.py` of GT-Vision-Lab/VQA at its March 2021
 # revision ("Fixed processing answers bug", a013f00; its `print` statements made Python 3), given the
-# prediction after the processing the evaluation page says machine answers get (the script's own
-# processPunctuation and processDigitArticle); VizWiz by the accuracy loop of the VizWiz challenge's
-# `VQAEval.evaluate`. Ten answers per question, as in both data sets.
+# prediction after the evaluation server's answer processor (as MMF's `EvalAIAnswerProcessor` has it:
+# lower case, `,` and `?` removed, `'s` split off, then the script's processPunctuation and
+# processDigitArticle); VizWiz by the accuracy loop of the VizWiz challenge's `VQAEval.evaluate`.
+# Ten answers per question, as in both data sets.
 VQA_OFFICIAL_CASES = [
     ("two", ["2"] * 10, 100.0),
     ("2", ["2"] * 10, 100.0),
@@ -48,7 +49,14 @@ VQA_OFFICIAL_CASES = [
     ("2:00 pm", ["2:00 pm"] * 4 + ["2 pm"] * 6, 100.0),
     ("yes!", ["yes"] * 9 + ["yes!"], 100.0),
     ("  cat\n", ["cat"] * 10, 100.0),
-    ("cat's toy", ["cats toy"] * 5 + ["cat's toy"] * 5, 100.0),
+    # The server splits off "'s" (and drops "," and "?") before the script sees the answer.
+    ("cat's toy", ["cats toy"] * 5 + ["cat's toy"] * 5, 0.0),
+    ("It's a dog.", ["it's a dog"] * 3 + ["dog"] * 7, 0.0),
+    ("red,white", ["redwhite"] * 4 + ["red white"] * 3 + ["white"] * 3, 100.0),
+    ("what?", ["what"] * 10, 100.0),
+    # At most 32 periods go per processing: once by the server, once more when the humans disagree.
+    ("no" + "." * 40, ["no"] * 10, 0.0),
+    ("no" + "." * 40, ["no"] * 9 + ["yes"], 100.0),
     ("mr. smith", ["mr smith"] * 6 + ["smith"] * 4, 100.0),
     ("an apple", ["apple"] * 3 + ["an apple"] * 3 + ["fruit"] * 4, 100.0),
 ]
@@ -70,7 +78,12 @@ VIZWIZ_OFFICIAL_CASES = [
     ("coke", ["Coke"] * 10, 0.0),
     ("blue", ["blue"] * 2 + ["white"] * 8, 60.0),
     ("10,000", ["10,000"] * 10, 0.0),
-    ("dont know", ["don't know"] * 10, 100.0),
+    # VizWiz's contraction table restores the curly apostrophe; there is no word step.
+    ("dont know", ["don't know"] * 10, 0.0),
+    ("dont know", ["don’t know"] * 10, 100.0),
+    ("It's a dog.", ["it's dog"] * 10, 100.0),
+    ("red,white", ["red white"] * 10, 100.0),
+    ("no" + "." * 40, ["no"] * 10, 0.0),
 ]
 
 
@@ -98,6 +111,7 @@ def test_vizwiz_accuracy_equals_the_official_script(prediction, humans, expected
         ("Two", "2"),  # number words to digits
         ("none", "0"),
         ("dont", "don't"),  # contractions get their apostrophe
+        ("no" + "." * 40, "no" + "." * 8),  # at most 32 periods go
     ],
 )
 def test_vqa_answer_processing_rules(answer, expected):

@@ -11,17 +11,21 @@ difference of slot sets) or distribute-three (three values, each row a cyclic sh
 every column holds them all).
 
 The candidates are made before the context, so that nothing about them can point to the answer: the
-number of candidates is split into prime factors, each factor goes to its own attribute, that
-attribute gets that many values (far enough apart to tell at sight), and the candidates are all
-combinations of those values. The answer is one of them drawn uniformly, and the context is then
-drawn, attribute by attribute, until its rules lead to the answer's values and to none of the other
-candidates' values. Every candidate set is thus as likely under each choice of answer, so any
-function of the candidates alone finds the answer at chance rate, and exactly one candidate is
-explained by the rules (checked for every puzzle).
+number of candidates is split into prime factors, each factor goes to its own attribute (layout, size
+or colour), that attribute gets that many values (far enough apart to tell at sight), and the
+candidates are all combinations of those values. The answer is one of them drawn uniformly, and the
+context is drawn until its rules lead to the answer's values and to none of the other candidates'
+values. Every candidate set is thus as likely under each choice of answer, so any function of the
+candidates alone finds the answer at chance rate, and exactly one candidate is explained by the rules
+(checked for every puzzle).
 
-The context is also drawn so that the answer's value of an attribute is as likely as each other
-candidate value to be the one the context shows the most, the second most, and so on: copying what
-the context shows, without inferring a rule, then gains next to nothing over chance.
+Counting the context is no shortcut either: in an attribute where the candidates differ, the context
+shows every candidate's value exactly as often as the answer's (a slot set also by its number of
+shapes). Rows with that property are drawn for every candidate value before the answer is chosen, and a
+candidate set for which some value gets none is drawn again, so keeping a candidate set says nothing
+about the answer. Constant and distribute-three rows never have the property (their last value
+appears 2, 5 or 8 times, any other a multiple of three), so the attributes in which the candidates
+differ follow progressions or arithmetic, and the others any rule.
 """
 
 from __future__ import annotations
@@ -54,13 +58,15 @@ VALUE_RANGES = {
 # The least difference between two candidates' values of an attribute: two size steps are 1/5 of a
 # slot's radius, two grey steps 57 of 255 levels, both plain at the default 160-pixel panels.
 MIN_GAP = {"number": 1, "shape": 1, "size": 2, "colour": 2}
-# How many values far enough apart each attribute can give the candidates (a layout: nine numbers,
-# or nine slot sets that each toggle one slot of a common set).
-CAPACITY = {"layout": SLOTS, "shape": 5, "size": 4, "colour": 5}
+# The attributes in which candidates may differ, and how many values far enough apart each can give
+# them (a layout: numbers, or slot sets that each toggle one slot of a common set), so few that a
+# context can show all of them equally often. Shapes, with five kinds and no arithmetic, seldom can:
+# all candidates of a puzzle share one shape.
+CAPACITY = {"layout": 5, "size": 3, "colour": 5}
 DEFAULT_CANDIDATES = 6
 COUNT_WORDS = {3: "three", 4: "four", 8: "eight"}
 MAX_CONTEXT_DRAWS = 10_000
-BALANCE_DRAWS = 300
+BALANCE_DRAWS = 2_000
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,18 @@ def _latin_rows(target, others: Sequence, rng: random.Random) -> Matrix:
     return [first[(r * shift) % 3 :] + first[: (r * shift) % 3] for r in range(3)]
 
 
+@functools.cache
+def _arithmetic_pairs(lo: int, hi: int, plus: bool) -> tuple[tuple[int, int], ...]:
+    """Operand pairs in [lo, hi] whose sum (or difference) is in [lo, hi] too. The second operand is
+    at least 1 so the rule never degenerates into a constant."""
+    return tuple(
+        (a, b)
+        for a in range(lo, hi + 1)
+        for b in range(max(lo, 1), hi + 1)
+        if lo <= (a + b if plus else a - b) <= hi
+    )
+
+
 def _value_rows(rule: str, attribute: str, target: int, rng: random.Random) -> tuple[Matrix, str] | None:
     """Three rows of integer values following `rule` whose last value is `target`; None if it cannot."""
     lo, hi = VALUE_RANGES[attribute]
@@ -185,10 +203,7 @@ def _value_rows(rule: str, attribute: str, target: int, rng: random.Random) -> t
         def result(a: int, b: int) -> int:
             return a + b if plus else a - b
 
-        # The second operand is at least 1 so the rule never degenerates into a constant.
-        pairs = [
-            (a, b) for a in range(lo, hi + 1) for b in range(max(lo, 1), hi + 1) if lo <= result(a, b) <= hi
-        ]
+        pairs = _arithmetic_pairs(lo, hi, plus)
         ending = [p for p in pairs if result(*p) == target]
         if not ending:
             return None
@@ -253,59 +268,83 @@ def _position_rows(
     return _latin_rows(target, distinct[1:], rng), "distribute_three"
 
 
-def _seen(rows: Matrix, value) -> int:
-    """How often the context (all cells but the last) shows `value`; a slot set also counts the
-    panels with as many shapes, as a solver copying the context would count them."""
+def _seen(rows: Matrix, value) -> tuple[int, ...]:
+    """How often the context (all cells but the last) shows `value`; a slot set also by how many
+    panels have as many shapes, as a solver counting the context would see it."""
     cells = [cell for row in rows for cell in row][:8]
     if isinstance(value, frozenset):
-        return sum(cell == value for cell in cells) + sum(len(cell) == len(value) for cell in cells)
-    return cells.count(value)
+        return sum(cell == value for cell in cells), sum(len(cell) == len(value) for cell in cells)
+    return (cells.count(value),)
 
 
-def _context_rows(
-    attribute: str, layout_on: str, target, values: Sequence, rng: random.Random
-) -> tuple[Matrix, str]:
-    """Rows under a random rule that end in `target` and that no rule completes with any other of
-    `values`. The target is made as likely as any other value to be the most seen in the context, the
-    second most seen, and so on (never tied with another), so that copying the context finds the answer
-    at chance rate; with many values that rank cannot always be reached, and after `BALANCE_DRAWS`
-    draws it is dropped."""
-    others = [v for v in values if v != target]
-    rank = rng.randrange(len(values))
-    explained: Callable[[Matrix], bool]
-    for draw in range(MAX_CONTEXT_DRAWS):
-        if attribute == "layout" and layout_on == "position":
-            made = _position_rows(rng.choice(RULES), target, values, rng)
-            explained = _layout_explained
+def _draw_rows(
+    attribute: str, layout_on: str, target, values: Sequence, rng: random.Random, rules: Sequence[str] = RULES
+) -> tuple[Matrix, str] | None:
+    """Rows under a rule drawn from `rules` that end in `target`; None if that rule cannot. `values`
+    are the candidates' values (slot sets of other candidates are shown in position layouts)."""
+    if attribute == "layout" and layout_on == "position":
+        return _position_rows(rng.choice(rules), target, values, rng)
+    if attribute == "shape":
+        rules = [r for r in rules if r in SHAPE_RULES]
+    return _value_rows(rng.choice(rules), "number" if attribute == "layout" else attribute, target, rng)
+
+
+def _completes_another(attribute: str, layout_on: str, rows: Matrix, others: Sequence) -> bool:
+    """Whether some rule also explains the rows with one of `others` in the last cell."""
+    if attribute == "layout" and layout_on == "position":
+        explained: Callable[[Matrix], bool] = _layout_explained
+    else:
+        explained = functools.partial(values_explained, rules=SHAPE_RULES if attribute == "shape" else RULES)
+    return any(explained(rows[:2] + [rows[2][:2] + [other]]) for other in others)
+
+
+def _any_rows(attribute: str, layout_on: str, target, rng: random.Random) -> tuple[Matrix, str]:
+    """Rows under a random rule that end in `target` (an attribute all candidates share)."""
+    for _ in range(MAX_CONTEXT_DRAWS):
+        made = _draw_rows(attribute, layout_on, target, [target], rng)
+        if made is not None:
+            return made
+    raise RuntimeError(f"no context rows for {attribute} ending in {target}")
+
+
+# Constant and distribute-three rows show their last value 2, 5 or 8 times in the context and any other
+# value a multiple of three times, so they never show two candidates' values equally often.
+BALANCED_RULES = ("progression", "arithmetic")
+
+
+def _balanced_rows(attribute: str, layout_on: str, values: Sequence, rng: random.Random) -> dict | None:
+    """For every one of `values`, rows that end in it, that no rule completes with another of
+    `values`, and that show each of `values` equally often; None if some value gets no such rows in
+    `BALANCE_DRAWS` draws. The rows are drawn for every value before the answer is chosen, so
+    whether a candidate set is kept says nothing about which candidate is the answer."""
+    found = {}
+    for target in values:
+        others = [v for v in values if v != target]
+        for _ in range(BALANCE_DRAWS):
+            made = _draw_rows(attribute, layout_on, target, values, rng, BALANCED_RULES)
+            if (
+                made is not None
+                and len({_seen(made[0], v) for v in values}) == 1
+                and not _completes_another(attribute, layout_on, made[0], others)
+            ):
+                found[target] = made
+                break
         else:
-            rules = SHAPE_RULES if attribute == "shape" else RULES
-            made = _value_rows(
-                rng.choice(rules), "number" if attribute == "layout" else attribute, target, rng
-            )
-            explained = functools.partial(values_explained, rules=rules)
-        if made is None:
-            continue
-        rows, rule = made
-        if draw < BALANCE_DRAWS:
-            # A tie would leave the rank to the solver's own tie-break, so there are none.
-            seen = _seen(rows, target)
-            others_seen = [_seen(rows, v) for v in others]
-            if seen in others_seen or sum(n > seen for n in others_seen) != rank:
-                continue
-        if not any(explained(rows[:2] + [rows[2][:2] + [other]]) for other in others):
-            return rows, rule
-    raise RuntimeError(f"no context rows for {attribute} ending in {target} but not in {others}")
+            return None
+    return found
 
 
 def _context(
-    answer: tuple, values: dict[str, list], layout_on: str, rng: random.Random
+    answer: tuple, varied_rows: dict[str, dict], layout_on: str, rng: random.Random
 ) -> tuple[list[Panel], dict[str, str]]:
-    """Eight context panels whose rules lead to the `answer` values and to none of the other `values`."""
+    """Eight context panels whose rules lead to the `answer` values: those of the attributes in which
+    the candidates differ come from `varied_rows`, the others are drawn here."""
     grids, rules = {}, {}
     for attribute, target in zip(ATTRIBUTES, answer):
-        grids[attribute], rules[attribute] = _context_rows(
-            attribute, layout_on, target, values[attribute], rng
-        )
+        if attribute in varied_rows:
+            grids[attribute], rules[attribute] = varied_rows[attribute][target]
+        else:
+            grids[attribute], rules[attribute] = _any_rows(attribute, layout_on, target, rng)
     rules["layout"] = f"{layout_on} {rules['layout']}"
     context = []
     for r, c in itertools.product(range(3), range(3)):
@@ -345,7 +384,7 @@ def _varied_attributes(count: int, rng: random.Random) -> dict[str, int]:
     check_candidate_count(count)
     varied: dict[str, int] = {}
     for factor in sorted(_prime_factors(count), reverse=True):
-        free = [a for a in ATTRIBUTES if a not in varied and CAPACITY[a] >= factor]
+        free = [a for a in CAPACITY if a not in varied and CAPACITY[a] >= factor]
         varied[rng.choice(free)] = factor
     return varied
 
@@ -371,7 +410,18 @@ def make_puzzle(rng: random.Random, num_candidates: int = DEFAULT_CANDIDATES) ->
     """One puzzle with `num_candidates` candidates of which exactly one is correct."""
     layout_on = rng.choice(("number", "position"))
     varied = _varied_attributes(num_candidates, rng)
-    values = {a: _candidate_values(a, varied.get(a, 1), layout_on, rng) for a in ATTRIBUTES}
+    for _ in range(MAX_CONTEXT_DRAWS):
+        values = {a: _candidate_values(a, varied.get(a, 1), layout_on, rng) for a in ATTRIBUTES}
+        varied_rows = {}
+        for attribute in varied:
+            rows = _balanced_rows(attribute, layout_on, values[attribute], rng)
+            if rows is None:
+                break
+            varied_rows[attribute] = rows
+        else:
+            break
+    else:
+        raise RuntimeError(f"no candidate set of {num_candidates} that a context can show equally often")
     # A number layout leaves the slots free: candidates with the same number share them.
     slots = {v: _random_slots(v, rng) if layout_on == "number" else v for v in values["layout"]}
     combinations = list(itertools.product(*(values[a] for a in ATTRIBUTES)))
@@ -382,7 +432,7 @@ def make_puzzle(rng: random.Random, num_candidates: int = DEFAULT_CANDIDATES) ->
     ]
     answer = rng.randrange(len(candidates))
     for _ in range(MAX_CONTEXT_DRAWS):
-        context, rules = _context(combinations[answer], values, layout_on, rng)
+        context, rules = _context(combinations[answer], varied_rows, layout_on, rng)
         correct = [candidate_is_correct(context, c) for c in candidates]
         # The slots of a number layout's context may happen to follow a position rule: draw again.
         if correct.count(True) == 1 and correct[answer]:
@@ -425,9 +475,18 @@ def context_copy_choice(context: Sequence[Panel], candidates: Sequence[Panel]) -
     return _most_seen(candidates, Counter(key for p in context for key in _value_keys(p)))
 
 
+def context_count_choice(context: Sequence[Panel], candidates: Sequence[Panel]) -> int:
+    """Infers no rule: the candidate with the most attribute values that the context shows 2, 5 or 8
+    times, as constant and distribute-three rows show the value that completes them."""
+    seen = Counter(key for p in context for key in _value_keys(p))
+    scores = [sum(seen[key] % 3 == 2 for key in _value_keys(c)) for c in candidates]
+    return scores.index(max(scores))
+
+
 BASELINES: dict[str, Callable[[Sequence[Panel], Sequence[Panel]], int]] = {
     "candidates_only": most_common_values_choice,
     "context_copy": context_copy_choice,
+    "context_count": context_count_choice,
 }
 
 

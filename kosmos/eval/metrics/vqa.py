@@ -1,16 +1,18 @@
 """The official VQA accuracy of VQAv2 and of VizWiz: answer processing and the 10-way leave-one-out score.
 
 VQAv2 follows the current revision of the challenge's `vqaEval.py` (GT-Vision-Lab/VQA, March 2021,
-"Fixed processing answers bug"), applied as the evaluation server applies it. The evaluation page
-says the machine answers are processed before they are evaluated (lower case, periods, number words
-to digits, articles, contractions, punctuation), so the prediction first gets that processing (the
-script's own punctuation and digit/article steps). The script then processes both sides or neither:
-when the ten human answers disagree, the prediction and every human answer get the punctuation and
-digit/article steps; when they all agree, they are compared with the prediction as they are.
+"Fixed processing answers bug"), applied as the evaluation server applies it: the server first puts
+every machine answer through its answer processor (the one MMF reproduces as
+`EvalAIAnswerProcessor`): a word step (lower case; `,` and `?` removed; `'s` split off as a word of
+its own), then the script's punctuation and digit/article steps. The script then processes both sides
+or neither: when the ten human answers disagree, the prediction and every human answer get the
+punctuation and digit/article steps; when they all agree, they are compared with the prediction as
+they are.
 
-VizWiz follows the VizWiz challenge's own script: the prediction is always processed, the human
-answers never are, and nothing else is remapped (a prediction such as "i don't know" does not count
-as "unanswerable"; legacy "unsuitable" human answers stay as they are).
+VizWiz follows the VizWiz challenge's own `VQAEval.evaluate`: the prediction always gets the
+punctuation and digit/article steps (no word step), the human answers never do, and nothing else is
+remapped (a prediction such as "i don't know" does not count as "unanswerable"; legacy "unsuitable"
+human answers stay as they are). Its contraction table restores most apostrophes as the curly `’`.
 
 Both score a prediction as min(1, matches / 3) against each subset of nine of the ten human answers,
 leaving out one answer by position, and average the ten subset scores.
@@ -143,6 +145,16 @@ CONTRACTIONS = {
     "youre": "you're",
     "youve": "you've",
 }
+# The VizWiz script's table holds the same entries typed with the curly apostrophe, but for two keys
+# and eight values that kept the straight one.
+_VIZWIZ_STRAIGHT_KEYS = {"couldn'tve", "hadn'tve"}
+_VIZWIZ_STRAIGHT_VALUES = {"aint", "arent", "cant", "couldve", "couldnt", "weve", "wheres", "whove"}
+VIZWIZ_CONTRACTIONS = {
+    (key if key in _VIZWIZ_STRAIGHT_KEYS else key.replace("'", "’")): (
+        value if key in _VIZWIZ_STRAIGHT_VALUES else value.replace("'", "’")
+    )
+    for key, value in CONTRACTIONS.items()
+}
 NUMBER_WORDS = {
     "none": "0",
     "zero": "0",
@@ -185,6 +197,8 @@ PUNCTUATION = [
 # not followed by a digit (so "2.5" keeps its point, "yes." loses it). Kept as is for equal numbers.
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# Every official script passes `re.UNICODE` (32) where `sub` takes its count: at most 32 periods go.
+PERIODS_STRIPPED = 32
 
 
 def normalize_punctuation(text: str) -> str:
@@ -197,13 +211,13 @@ def normalize_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return PERIOD_STRIP.sub("", out)
+    return PERIOD_STRIP.sub("", out, count=PERIODS_STRIPPED)
 
 
-def normalize_words(text: str) -> str:
+def normalize_words(text: str, contractions: dict[str, str] = CONTRACTIONS) -> str:
     """Lower-case, number words to digits, articles dropped, contractions given their apostrophes."""
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    words = [contractions.get(w, w) for w in words if w not in ARTICLES]
     return " ".join(words)
 
 
@@ -211,9 +225,16 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def normalize_answer(answer: str) -> str:
+def normalize_answer(answer: str, contractions: dict[str, str] = CONTRACTIONS) -> str:
     """The official answer processing: punctuation, then number words, articles and contractions."""
-    return normalize_words(normalize_punctuation(answer))
+    return normalize_words(normalize_punctuation(answer), contractions)
+
+
+def server_answer(prediction: str) -> str:
+    """A machine answer as the VQA evaluation server hands it to `vqaEval.py`: the word step, then
+    the answer processing."""
+    words = prediction.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    return normalize_answer(_clean(words))
 
 
 def _leave_one_out(answer: str, humans: Sequence[str]) -> float:
@@ -227,7 +248,7 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """VQAv2 accuracy in [0, 1] of one predicted answer against the (usually ten) human answers."""
     if not human_answers:
         raise ValueError("a VQA question needs at least one human answer")
-    answer = normalize_answer(_clean(prediction))  # as the server processes machine answers
+    answer = server_answer(prediction)
     humans = [_clean(a) for a in human_answers]
     if len(set(humans)) > 1:
         humans = [normalize_answer(a) for a in humans]
@@ -239,4 +260,4 @@ def vizwiz_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """VizWiz accuracy in [0, 1]: the processed prediction against the human answers as they are."""
     if not human_answers:
         raise ValueError("a VizWiz question needs at least one human answer")
-    return _leave_one_out(normalize_answer(_clean(prediction)), list(human_answers))
+    return _leave_one_out(normalize_answer(_clean(prediction), VIZWIZ_CONTRACTIONS), list(human_answers))
