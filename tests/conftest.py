@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kosmos.data.sample import train_tokenizer
 from kosmos.model import ModelConfig, load_model_config
 from kosmos.tokenizer import Tokenizer
 
@@ -17,9 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     folder = tmp_path_factory.mktemp("tokenizer")
-    text = folder / "pydoc.txt"
-    text.write_text("\n".join(pydoc_data.topics.topics.values()))
-    return Tokenizer.train([text], folder / "sp", vocab_size=1000)
+    return train_tokenizer(pydoc_data.topics.topics.values(), folder / "sp.model", 1000)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from kosmos.data.sample import build_sample
 from kosmos.data.shards import CorpusWriter
 from kosmos.data.texts import corpus_texts
 from kosmos.tokenizer import SPECIAL_SYMBOLS, UNK, Tokenizer
-from kosmos.tokenizer.training import MAX_SENTENCE_BYTES, SentenceSample, sentences
+from kosmos.tokenizer.training import MAX_SENTENCE_BYTES, SentenceSample, placeholder_count, sentences
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,28 @@ def test_a_corpus_larger_than_the_sample_trains_on_the_sample(tmp_path, capsys):
     )
     assert code == 0
     assert report["documents"] == {str(corpus): 120} and report["sentences_seen"] == 480
+
+
+def test_the_sample_corpus_gives_a_paper_sized_tokenizer_with_placeholders(sample, tmp_path, capsys):
+    args = ["--corpus", str(sample), "--vocab-size", "64000"]
+    code, error = _train(capsys, *args, "--out", str(tmp_path / "refused.model"))
+    assert code == 2 and "too high" in error and "--placeholders" in error
+
+    out = tmp_path / "sp.model"
+    code, report = _train(capsys, *args, "--placeholders", "--out", str(out))
+    assert code == 0
+    tokenizer = Tokenizer(out)
+    assert (tokenizer.num_pieces, tokenizer.vocab_size) == (64000, 64007)
+    learned = 64000 - report["placeholders"]
+    assert 1000 < learned < 64000 and placeholder_count(tokenizer) == report["placeholders"]
+    assert list(tokenizer.special_ids.values()) == list(range(64001, 64007))
+    # Encoding only ever gives learned pieces (ids up to `learned`), never a placeholder.
+    highest = 0
+    for folder in ("text", "caption", "interleaved"):
+        for texts in corpus_texts(sample / folder, Counter(), max_documents=50):
+            for text in texts:
+                highest = max(highest, *tokenizer.encode(text))
+    assert learned * 0.9 < highest <= learned
 
 
 def test_sentence_sample_is_bounded_and_uniform():

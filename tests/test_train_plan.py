@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from sentencepiece import sentencepiece_model_pb2
 
 from kosmos.cli import main
 from kosmos.config import ConfigError, apply_overrides
@@ -37,19 +36,16 @@ def _random_tower(cfg, path: Path) -> None:
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory) -> Path:
     """What configs/train/kosmos1.yaml names, in a working folder: the sample corpus's corpora, a
-    64,000-piece tokenizer (the sample tokenizer's pieces padded with never-chosen ones), and a
+    64,000-piece tokenizer (trained on the sample corpus, filled up with placeholder pieces), and a
     random ViT-L/14 tower; also a random tower of the tiny model, of the wrong size."""
     root = tmp_path_factory.mktemp("paper")
     build_sample(root / "sample")
     (root / "corpora").mkdir()
     for kind in ("text", "caption", "interleaved"):
         (root / "corpora" / kind).symlink_to(root / "sample" / kind)
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString((root / "sample/tokenizer.model").read_bytes())
-    for i in range(64000 - len(proto.pieces)):
-        proto.pieces.add(piece=f"\u2581filler{i}", score=-1e6)
-    (root / "tokenizers").mkdir()
-    (root / "tokenizers/sentencepiece.model").write_bytes(proto.SerializeToString())
+    tokenizer = root / "tokenizers/sentencepiece.model"  # as docs/training.md makes it from the sample
+    command = ["tokenizer", "train", "--corpus", str(root / "sample"), "--vocab-size", "64000", "--placeholders"]
+    assert main([*command, "--out", str(tokenizer)]) == 0
     # A caption corpus none of whose images decode: its index is fine, its samples are not.
     with CorpusWriter(root / "corpora/unreadable", "caption", samples_per_shard=20) as writer:
         for i in range(40):

@@ -21,6 +21,7 @@ import inspect
 import io
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from PIL import Image
 from kosmos.config import ConfigError
 from kosmos.data.shards import CorpusWriter
 from kosmos.tokenizer import Tokenizer
+from kosmos.tokenizer.training import sentences, train_sentencepiece
 
 TOKENIZER_PIECES = 4000
 DIGIT_SIZE = 64  # 8x8 digits upscaled (nearest) so that the 64x64 minimum keeps them
@@ -201,12 +203,7 @@ def build_sample(out: str | Path) -> dict[str, int]:
     write_eval_sets(out / "eval", digits, labels, split)
     problems = write_scienceqa_digits(out / "scienceqa", digits, labels, split)
 
-    # Trained from a file inside `out` (then removed): the model records the paths it was trained
-    # from, so the same `out` gives a byte-identical tokenizer.model.
-    corpus_text = out / "tokenizer.txt"
-    corpus_text.write_text("\n".join(tokenizer_text))
-    Tokenizer.train([corpus_text], out / "tokenizer", TOKENIZER_PIECES)
-    corpus_text.unlink()
+    train_tokenizer(tokenizer_text, out / "tokenizer.model", TOKENIZER_PIECES)
     return {
         "text": len(texts),
         "caption": len(pairs),
@@ -214,6 +211,14 @@ def build_sample(out: str | Path) -> dict[str, int]:
         "eval": len(split["test"]),
         "scienceqa": problems,
     }
+
+
+def train_tokenizer(texts: Iterable[str], out: Path, pieces: int) -> Tokenizer:
+    """The sample's tokenizer settings (the tests' tokenizers use them too). Its text is English prose,
+    code and captions: a character coverage of 0.9995 leaves its few rare characters to `<unk>` rather
+    than spending pieces on them. A fixed thread count keeps the model byte-identical across machines."""
+    lines = (sentence for text in texts for sentence in sentences(text))
+    return train_sentencepiece(lines, out, pieces, character_coverage=0.9995, threads=2)
 
 
 def interleaved_document(

@@ -9,7 +9,7 @@ document is tokenized like any other characters, and only `encode_interleaved` p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,34 +84,6 @@ class Tokenizer:
         self.boi_id = self.special_ids["<image>"]
         self.eoi_id = self.special_ids["</image>"]
         self.vocab_size = first_special + len(SPECIAL_SYMBOLS)
-
-    @staticmethod
-    def train(
-        text_files: Iterable[str | Path],
-        model_prefix: str | Path,
-        vocab_size: int,
-        model_type: str = "unigram",
-        max_sentences: int = 2_000_000,
-    ) -> Tokenizer:
-        """Train a SentencePiece model in the layout this tokenizer expects; returns it loaded."""
-        files = [str(f) for f in text_files]
-        for f in files:
-            if not Path(f).is_file():
-                raise TokenizerError(f"training text {f} does not exist")
-        Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-        spm.SentencePieceTrainer.train(
-            input=",".join(files),
-            model_prefix=str(model_prefix),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=0.9995,
-            **SENTENCEPIECE_LAYOUT,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            num_threads=2,
-            minloglevel=2,
-        )
-        return Tokenizer(f"{model_prefix}.model")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = [UNK if p == 0 else p + 1 for p in self.sp.encode(text)]

@@ -46,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-documents", type=int, help="documents read per corpus at most (default: all)")
     train.add_argument("--seed", type=int, default=0, help="shard order and sentence sample")
     train.add_argument("--threads", type=int, help="SentencePiece threads (default: all cores)")
+    train.add_argument(
+        "--placeholders",
+        action="store_true",
+        help="when the text supports fewer pieces than --vocab-size, learn those and fill the rest with "
+        "placeholder pieces that encoding never produces (a tokenizer of a given size from a small "
+        "corpus, e.g. the sample's at the paper's 64000, to try a config end to end)",
+    )
     train.add_argument("--json", action="store_true", help="print one JSON object")
     train.set_defaults(handler=_train)
 
@@ -63,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
     from kosmos.data import sources
     from kosmos.data.inspection import corpus_folders
     from kosmos.tokenizer import TokenizerError
-    from kosmos.tokenizer.training import sample_sentences, train_sentencepiece
+    from kosmos.tokenizer.training import placeholder_count, sample_sentences, train_sentencepiece
 
     for name in ("vocab_size", "max_sentences", "max_documents", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -92,12 +99,16 @@ def _train(args: argparse.Namespace) -> int:
             character_coverage=args.character_coverage,
             byte_fallback=args.byte_fallback,
             threads=args.threads,
+            placeholders=args.placeholders,
         )
     except TokenizerError as error:
-        raise ConfigError(f"--vocab-size: {error}") from None
+        hint = "" if args.placeholders else " (or --placeholders to fill the rest with placeholder pieces)"
+        raise ConfigError(f"--vocab-size: {error}{hint}") from None
+    placeholders = placeholder_count(tokenizer)
     summary = {
         "out": str(out),
         "pieces": tokenizer.num_pieces,
+        "placeholders": placeholders,
         "vocab_size": tokenizer.vocab_size,
         "documents": report.documents,
         "skipped": report.skipped,
@@ -108,7 +119,9 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(
-            f"{out}: {tokenizer.num_pieces} pieces, vocabulary {tokenizer.vocab_size}; trained on "
+            f"{out}: {tokenizer.num_pieces} pieces"
+            + (f" ({placeholders:,} of them placeholders)" if placeholders else "")
+            + f", vocabulary {tokenizer.vocab_size}; trained on "
             f"{report.sentences_used:,} of {report.sentences_seen:,} sentences from "
             f"{sum(report.documents.values()):,} documents (skipped: {report.skipped or 'none'})"
         )

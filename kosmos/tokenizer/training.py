@@ -16,10 +16,20 @@ Settings, for the paper's 64k tokenizer (vocabulary 64,007 in the fairseq layout
   export's, and Kosmos-2's) has no byte pieces;
 - SentencePiece's default `nmt_nfkc` normalisation and whitespace handling, which the exported
   `transformers` tokenizer reproduces.
+
+This is the one place SentencePiece is trained: `kosmos tokenizer train`, the sample corpus's tokenizer
+(`kosmos.data.sample`) and the tests' all come through `train_sentencepiece`.
+
+A text too small for the size asked for (the sample corpus supports about 5,760 pieces) can still give a
+tokenizer of that size with `placeholders`: SentencePiece learns the pieces the text supports, and the
+rest of the vocabulary is filled with placeholder pieces of SentencePiece's `UNUSED` type, which
+encoding never produces. The ids are then laid out as a real tokenizer of that size would lay them out,
+which is what trying a paper-sized config end to end (`kosmos train --dry-run`) needs.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -118,30 +128,54 @@ def train_sentencepiece(
     character_coverage: float = 0.9999,
     byte_fallback: bool = False,
     threads: int | None = None,
+    placeholders: bool = False,
 ) -> Tokenizer:
-    """Train on the given sentences (all of them, in order) and write the model to `out`."""
+    """Train on the given sentences (all of them, in order) and write the model to `out`; with
+    `placeholders`, pieces the text cannot support are placeholders (above)."""
     out = Path(out)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            hard_vocab_limit=not placeholders,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            num_threads=threads or available_cores(),
+            minloglevel=2,
+            **SENTENCEPIECE_LAYOUT,
+        )
+    except RuntimeError as error:
+        raise TokenizerError(f"SentencePiece could not train a {vocab_size}-piece model: {error}") from None
+    data = with_placeholders(model.getvalue(), vocab_size) if placeholders else model.getvalue()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    try:
-        with partial.open("wb") as writer:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences),
-                model_writer=writer,
-                vocab_size=vocab_size,
-                model_type=model_type,
-                character_coverage=character_coverage,
-                byte_fallback=byte_fallback,
-                max_sentence_length=MAX_SENTENCE_BYTES,
-                num_threads=threads or available_cores(),
-                minloglevel=2,
-                **SENTENCEPIECE_LAYOUT,
-            )
-    except RuntimeError as error:
-        partial.unlink(missing_ok=True)
-        raise TokenizerError(f"SentencePiece could not train a {vocab_size}-piece model: {error}") from None
+    partial.write_bytes(data)
     partial.rename(out)
     return Tokenizer(out)
+
+
+PLACEHOLDER = "<placeholder_{}>"
+
+
+def with_placeholders(model: bytes, pieces: int) -> bytes:
+    """A serialized SentencePiece model with placeholder pieces appended up to `pieces` in all."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    unused = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
+    for i in range(pieces - len(proto.pieces)):
+        proto.pieces.add(piece=PLACEHOLDER.format(i), score=0.0, type=unused)
+    return proto.SerializeToString()
+
+
+def placeholder_count(tokenizer: Tokenizer) -> int:
+    """How many of the tokenizer's pieces are placeholders."""
+    return sum(tokenizer.sp.is_unused(i) for i in range(tokenizer.num_pieces))
 
 
 def model_settings(tokenizer: Tokenizer) -> dict[str, object]:
