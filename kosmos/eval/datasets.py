@@ -10,8 +10,14 @@ Formats (the split section of a task file names the files):
 - raven_index: IQ50-layout puzzles: `index.json` listing context images (3, 4 or 8) and candidates;
 - raven_generated: puzzles from our generator, made in memory;
 - jsonl: one JSON object per line with `id`, `image` and any of `captions`, `question` + `answers`,
-  `label` (an index into the split's `classes` JSON list) and `split` (kept if listed in `splits`);
-  the sample corpus's held-out digit sets (`kosmos data sample`, DIR/eval/) are in this format.
+  `context` (text shown with the image, e.g. a web page's text for WebSRC), `label` (an index into
+  the split's `classes` JSON list) and `split` (kept if listed in `splits`); the sample corpus's
+  held-out digit sets (`kosmos data sample`, DIR/eval/) are in this format;
+- hateful_memes: the Hateful Memes `*.jsonl` files (`id`, `img` relative to the data root, `label`
+  1 for hateful, `text` the meme's caption), ranked "no" / "yes";
+- text_choices: text-only multiple choice, one JSON object per line with `id`, `choices`, `answer`
+  (an index into them) and the text fields its template names (`question`, `item1`, `item2`,
+  `object`): RelativeSize, MemoryColor and ColorTerms.
 Image files are checked to exist before any compute.
 """
 
@@ -299,20 +305,25 @@ def _raven_generated(split: SplitConfig, root: Path, key: str) -> list[Sample]:
     ]
 
 
-def _jsonl(split: SplitConfig, root: Path, key: str) -> list[Sample]:
-    path = root / split.annotations
+def _jsonl_rows(path: Path, key: str) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"{key}.annotations: {path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{key}.annotations: {path} line {n} is not JSON ({error})") from None
+    return rows
+
+
+def _jsonl(split: SplitConfig, root: Path, key: str) -> list[Sample]:
+    path = root / split.annotations
     images = root / split.images if split.images else path.parent
     classes = _read_json(root / split.classes, f"{key}.classes") if split.classes else None
     samples = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{key}.annotations: {path} line {n} is not JSON ({error})") from None
+    for row in _jsonl_rows(path, key):
         if split.splits and row.get("split") not in split.splits:
             continue
         sample = Sample(
@@ -320,14 +331,49 @@ def _jsonl(split: SplitConfig, root: Path, key: str) -> list[Sample]:
             {"image": [images / row["image"]]},
             references=list(row.get("captions", row.get("answers", []))),
         )
-        if "question" in row:
-            sample.text["question"] = row["question"]
+        for name in ("question", "context"):
+            if name in row:
+                sample.text[name] = row[name]
         if "label" in row:
             if classes is None:
                 raise ConfigError(f"{key}.classes: {path} has labels, so the class names file is needed")
             sample.choices, sample.answer = list(classes), int(row["label"])
             sample.meta["class"] = classes[sample.answer]
         samples.append(sample)
+    return samples
+
+
+HATEFUL_CHOICES = ["no", "yes"]
+
+
+def _hateful_memes(split: SplitConfig, root: Path, key: str) -> list[Sample]:
+    images = root / split.images if split.images else root
+    samples = []
+    for row in _jsonl_rows(root / split.annotations, key):
+        label = int(row["label"])
+        if label not in (0, 1):
+            raise ConfigError(f"{key}.annotations: meme {row['id']} has label {label} (0 or 1 expected)")
+        samples.append(
+            Sample(
+                str(row["id"]),
+                {"image": [images / row["img"]]},
+                {"text": row["text"]},
+                choices=HATEFUL_CHOICES,
+                answer=label,
+                meta={"label": HATEFUL_CHOICES[label]},
+            )
+        )
+    return samples
+
+
+def _text_choices(split: SplitConfig, root: Path, key: str) -> list[Sample]:
+    samples = []
+    for row in _jsonl_rows(root / split.annotations, key):
+        choices, answer = list(row["choices"]), int(row["answer"])
+        if not 0 <= answer < len(choices):
+            raise ConfigError(f"{key}.annotations: item {row['id']} answer {answer} is not a choice index")
+        fields = {k: row[k] for k in FORMATS["text_choices"].text if k in row}
+        samples.append(Sample(str(row["id"]), {}, fields, choices=choices, answer=answer))
     return samples
 
 
@@ -341,6 +387,8 @@ LOADERS: dict[str, Callable[[SplitConfig, Path, str], list[Sample]]] = {
     "raven_index": _raven_index,
     "raven_generated": _raven_generated,
     "jsonl": _jsonl,
+    "hateful_memes": _hateful_memes,
+    "text_choices": _text_choices,
 }
 assert set(LOADERS) == set(FORMATS)
 

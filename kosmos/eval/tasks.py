@@ -40,7 +40,9 @@ FORMATS = {
     "rendered_sst2": FormatSpec(("annotations",), ("image",), ("sentence",)),
     "raven_index": FormatSpec(("annotations",), ("context", "candidate"), ("count",)),
     "raven_generated": FormatSpec((), ("context", "candidate"), ("count",)),
-    "jsonl": FormatSpec(("annotations",), ("image",), ("question",)),
+    "jsonl": FormatSpec(("annotations",), ("image",), ("question", "context")),
+    "hateful_memes": FormatSpec(("annotations",), ("image",), ("text",)),
+    "text_choices": FormatSpec(("annotations",), (), ("question", "item1", "item2", "object")),
 }
 # Filled in while prompting, available to every template.
 PROMPT_FIELDS = {"query": (), "demo": ("answer",), "rationale": ()}

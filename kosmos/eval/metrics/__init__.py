@@ -15,12 +15,24 @@ from typing import Any
 
 from kosmos.eval.metrics.bootstrap import bootstrap_ci
 from kosmos.eval.metrics.captions import CAPTION_METRICS, caption_scores, java_available
+from kosmos.eval.metrics.extractive import exact_match, token_f1
 from kosmos.eval.metrics.scienceqa import scienceqa_breakdown
 from kosmos.eval.metrics.vqa import normalize_answer, vizwiz_accuracy, vqa_accuracy
 
-METRICS = (*CAPTION_METRICS, "vqa_accuracy", "vizwiz_accuracy", "accuracy", "scienceqa_accuracy")
+METRICS = (
+    *CAPTION_METRICS,
+    "vqa_accuracy",
+    "vizwiz_accuracy",
+    "accuracy",
+    "scienceqa_accuracy",
+    "roc_auc",
+    "exact_match",
+    "f1",
+)
 # Answer scorers of the VQA-style metrics, by name.
 VQA_RULES = {"vqa_accuracy": vqa_accuracy, "vizwiz_accuracy": vizwiz_accuracy}
+# Scorers of extracted answers against their references (WebSRC), by name.
+EXTRACTIVE_RULES = {"exact_match": exact_match, "f1": token_f1}
 
 
 @dataclass
@@ -57,6 +69,20 @@ def _vqa(name: str, records: Sequence[dict]) -> MetricResult:
         if answer_type:
             by_type[answer_type].append(score)
     return MetricResult(name, _mean(scores), scores, {t: _mean(s) for t, s in sorted(by_type.items())})
+
+
+def _roc_auc(records: Sequence[dict]) -> MetricResult:
+    """ROC-AUC of a two-choice ranking (Hateful Memes: "no", "yes"): each sample's score is the log-
+    likelihood margin of the second choice over the first, the positive label `answer == 1`."""
+    from sklearn.metrics import roc_auc_score
+
+    if any(len(r.get("scores", [])) != 2 for r in records):
+        raise ValueError("roc_auc needs two scored choices per sample (a rank_choices task with two)")
+    labels = [r["answer"] for r in records]
+    if len(set(labels)) < 2:
+        raise ValueError("roc_auc needs samples of both labels")
+    margins = [r["scores"][1] - r["scores"][0] for r in records]
+    return MetricResult("roc_auc", 100.0 * roc_auc_score(labels, margins))
 
 
 def _correct(records: Sequence[dict]) -> list[bool]:
@@ -111,6 +137,11 @@ def compute_metrics(
         elif name == "accuracy":
             correct = [100.0 * c for c in _correct(records)]
             results.append(MetricResult("accuracy", _mean(correct), correct))
+        elif name in EXTRACTIVE_RULES:
+            scores = [100.0 * EXTRACTIVE_RULES[name](r["prediction"], r["references"]) for r in records]
+            results.append(MetricResult(name, _mean(scores), scores))
+        elif name == "roc_auc":
+            results.append(_roc_auc(records))
         elif name == "scienceqa_accuracy":
             correct = _correct(records)
             breakdown = scienceqa_breakdown(correct, [r["meta"] for r in records])
@@ -132,8 +163,10 @@ __all__ = [
     "caption_scores",
     "choice_index",
     "compute_metrics",
+    "exact_match",
     "java_available",
     "scienceqa_breakdown",
+    "token_f1",
     "vizwiz_accuracy",
     "vqa_accuracy",
 ]
