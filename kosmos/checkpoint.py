@@ -70,16 +70,21 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_from_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[KosmosModel, Tokenizer, ModelConfig]:
-    """The model (eval mode), tokenizer and model config of a run folder or checkpoint folder."""
+def checkpoint_config(path: str | Path) -> tuple[Path, ModelConfig, Tokenizer]:
+    """The checkpoint folder a run folder or checkpoint folder resolves to, with its model config and
+    tokenizer; no weights are read (checks before a model loads)."""
     checkpoint = resolve_checkpoint(path)
     for name in (MODEL_CONFIG, TOKENIZER):
         if not (checkpoint / name).is_file():
             raise CheckpointError(f"checkpoint {checkpoint} has no {name}")
-    model_cfg = load_model_config(checkpoint / MODEL_CONFIG)
-    tokenizer = Tokenizer(checkpoint / TOKENIZER)
+    return checkpoint, load_model_config(checkpoint / MODEL_CONFIG), Tokenizer(checkpoint / TOKENIZER)
+
+
+def load_model_from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[KosmosModel, Tokenizer, ModelConfig]:
+    """The model (eval mode), tokenizer and model config of a run folder or checkpoint folder."""
+    checkpoint, model_cfg, tokenizer = checkpoint_config(path)
     model = KosmosModel(model_cfg)
     model.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
     return model.to(device).eval(), tokenizer, model_cfg

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from kosmos import config as config_io
 from kosmos.cli import main
 from kosmos.config import ConfigError
 from kosmos.data import CorpusConfig
@@ -310,3 +312,21 @@ def test_rationales_are_recorded_by_problem_id(scienceqa, tmp_path):
         assert record["references"] == ([gold_rationale(problem)] if gold_rationale(problem) else [])
     lines = (tmp_path / "rationales" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(problems)
+
+
+def test_too_many_new_tokens_stop_before_the_model_loads(scienceqa, tmp_path, tokenizer, tiny_config, capsys):
+    # A model config and tokenizer without weights: reading weights would fail with another message.
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    config_io.dump(tiny_config, checkpoint / "model.yaml")
+    shutil.copy(tokenizer.model_file, checkpoint / "tokenizer.model")
+    command = ["mmcot", "rationales", "--checkpoint", str(checkpoint), "--data", str(scienceqa)]
+    command += ["--split", "train", "--out", str(tmp_path / "out")]
+    positions = tiny_config.text.max_positions
+    assert main(command) == 2  # the default, 512 new tokens, cannot follow any prompt in 512 positions
+    error = capsys.readouterr().err
+    assert "--max-new-tokens: 512 new tokens after the longest prompt" in error
+    assert f"exceed the model's {positions} positions (at most " in error
+    assert main([*command, "--max-new-tokens", "16"]) == 2  # fits: on to the weights, which are not there
+    error = capsys.readouterr().err
+    assert "--checkpoint:" in error and "--max-new-tokens" not in error

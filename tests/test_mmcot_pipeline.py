@@ -130,3 +130,15 @@ def test_stage_two_answers_follow_the_rationale(workdir):
     changed = sum(a != b for a, b in zip(chosen_own, chosen_other))
     assert changed >= len(problems) // 2, (Counter(chosen_own), Counter(chosen_other))
     assert with_own["accuracy"] >= with_other["accuracy"] + 30, (with_own, with_other)
+
+
+def test_the_python_example_of_the_docs_runs(workdir):
+    page = (REPO / "docs/mmcot.md").read_text()
+    example = page.split("## Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "[:100]" in example
+    example = example.replace("[:100]", "[:6]")  # the example as written, on fewer problems
+    done = subprocess.run(
+        [sys.executable, "-c", example], cwd=workdir, env=ENV, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'problems': 6" in done.stdout and len(records(workdir / "out/answers")) == 6

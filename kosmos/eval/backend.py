@@ -27,6 +27,29 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text.strip()
 
 
+def layout_prompt(
+    tokenizer: Tokenizer, num_image_tokens: int, prompt: Prompt, continuation: str | None = None
+) -> Encoded:
+    """The tokens of a prompt (and of a continuation scored after it), as the model reads them."""
+    documents: list[list] = [[]]
+    for part in prompt:
+        if part is DEMO_END:
+            documents.append([])
+        else:
+            documents[-1].append(part)
+    encoded = Encoded()
+    for n, document in enumerate(documents):
+        last = n == len(documents) - 1
+        parts = document + ([continuation] if last and continuation is not None else [])
+        learn = [False] * len(document) + ([True] if last and continuation is not None else [])
+        piece = tokenizer.encode_interleaved(parts, num_image_tokens, bos=True, eos=not last, learn=learn)
+        encoded.ids += piece.ids
+        encoded.image_mask += piece.image_mask
+        encoded.learn += piece.learn
+        encoded.num_images += piece.num_images
+    return encoded
+
+
 class ModelBackend:
     def __init__(self, model, tokenizer: Tokenizer, batch_size: int = 8, compile: bool = False):
         from kosmos.data import image_transform
@@ -49,28 +72,11 @@ class ModelBackend:
         """Token layout and image tensors of one prompt, with `reserve` positions left for generation;
         `seen` keeps images already transformed in this call (ranking repeats a prompt's images)."""
         seen = {} if seen is None else seen
-        documents: list[list] = [[]]
-        for part in prompt:
-            if part is DEMO_END:
-                documents.append([])
-            else:
-                documents[-1].append(part)
-        encoded = Encoded()
-        for n, document in enumerate(documents):
-            last = n == len(documents) - 1
-            parts = document + ([continuation] if last and continuation is not None else [])
-            learn = [False] * len(document) + ([True] if last and continuation is not None else [])
-            piece = self.tokenizer.encode_interleaved(
-                parts, self.num_image_tokens, bos=True, eos=not last, learn=learn
-            )
-            encoded.ids += piece.ids
-            encoded.image_mask += piece.image_mask
-            encoded.learn += piece.learn
-            encoded.num_images += piece.num_images
+        encoded = layout_prompt(self.tokenizer, self.num_image_tokens, prompt, continuation)
         if len(encoded) + reserve > self.max_positions:
             raise ValueError(
                 f"a prompt of {len(encoded)} tokens (+{reserve} to generate) exceeds the model's "
-                f"{self.max_positions} positions: use fewer shots"
+                f"{self.max_positions} positions: use fewer shots or fewer new tokens"
             )
         images = []
         for part in prompt:
@@ -132,6 +138,17 @@ class ModelBackend:
             for seq, value in zip(sequences, values.tolist()):
                 scores.append(value / max(1, sum(seq.learn)) if normalize else value)
         return scores
+
+
+def eval_config(path: str | Path):
+    """(model_cfg, tokenizer) of a run folder or checkpoint folder, without its weights."""
+    from kosmos.checkpoint import CheckpointError, checkpoint_config
+
+    try:
+        _, model_cfg, tokenizer = checkpoint_config(path)
+    except CheckpointError as error:
+        raise ConfigError(f"--checkpoint: {error}") from None
+    return model_cfg, tokenizer
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):

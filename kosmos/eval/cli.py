@@ -180,13 +180,17 @@ def _mmcot_problems(args: argparse.Namespace) -> list:
     return problems
 
 
-def _mmcot_backend(args: argparse.Namespace):
-    """The model's backend and its checkpoint's identity."""
+def _mmcot_backend(args: argparse.Namespace, problems: list, prompt):
+    """The model's backend and its checkpoint's identity, once the prompts and --max-new-tokens are
+    known to fit the model's positions (checked from its config, before the weights load)."""
     import torch
 
-    from kosmos.eval.backend import ModelBackend, load_for_eval
+    from kosmos.eval.backend import ModelBackend, eval_config, load_for_eval
     from kosmos.eval.cache import checkpoint_identity
+    from kosmos.eval.mmcot import check_room
 
+    model_cfg, tokenizer = eval_config(args.checkpoint)
+    check_room(problems, prompt, tokenizer, model_cfg, args.max_new_tokens)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_for_eval(args.checkpoint, device)
     configure_threads()
@@ -196,10 +200,10 @@ def _mmcot_backend(args: argparse.Namespace):
 
 
 def _mmcot_rationales(args: argparse.Namespace) -> int:
-    from kosmos.eval.mmcot import generate_rationales, score_rationales, write_results
+    from kosmos.eval.mmcot import generate_rationales, prompts_of, score_rationales, write_results
 
     problems = _mmcot_problems(args)
-    backend, checkpoint = _mmcot_backend(args)
+    backend, checkpoint = _mmcot_backend(args, problems, prompts_of("rationale"))
     records = generate_rationales(
         backend, problems, args.out, checkpoint, args.max_new_tokens, args.batch_size
     )
@@ -214,13 +218,21 @@ def _mmcot_rationales(args: argparse.Namespace) -> int:
 
 
 def _mmcot_answers(args: argparse.Namespace) -> int:
-    from kosmos.data.scienceqa import rationales_for, read_rationales
-    from kosmos.eval.mmcot import answer_problems, score_answers, score_rationales, write_results
+    from kosmos.eval.mmcot import (
+        answer_problems,
+        prompts_of,
+        rationales_by_pid,
+        score_answers,
+        score_rationales,
+        write_results,
+    )
 
     problems = _mmcot_problems(args)
-    if args.rationales is not None:  # every problem has its rationale, known before the model loads
-        rationales_for(problems, read_rationales(args.rationales), str(args.rationales))
-    backend, checkpoint = _mmcot_backend(args)
+    if args.rationales is None:
+        prompt = prompts_of("direct")
+    else:  # every problem has its rationale, known before the model loads
+        prompt = prompts_of("answer", rationales_by_pid(problems, args.rationales))
+    backend, checkpoint = _mmcot_backend(args, problems, prompt)
     records = answer_problems(
         backend,
         problems,

@@ -17,9 +17,10 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ from kosmos.eval.metrics import MetricResult, baseline_scores, bootstrap_ci, com
 from kosmos.eval.report import write_report
 from kosmos.eval.runners import run_batch, sample_fields
 from kosmos.eval.tasks import TaskConfig, load_task, task_path
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -157,6 +160,48 @@ def _gather(records: list[dict]) -> list[dict]:
     return records
 
 
+def cached_records(
+    cache: PredictionCache,
+    items: Mapping[str, T],
+    keys: Callable[[], dict[str, str]],
+    predict_batch: Callable[[list[T]], list[dict]],
+    batch_size: int,
+    label: str,
+) -> dict[str, dict] | None:
+    """The record of every item (by id, on rank 0; None elsewhere), predicting only the items that
+    `cache` holds under no record or one of another key: the cached loop of every prediction command.
+
+    `keys()` (run on rank 0) gives each item's current key, `predict_batch` the records (with the
+    item's `id`) of a list of items. With several ranks, each predicts its slice of every batch of
+    `batch_size` per rank, and rank 0 gathers the records and appends them to the cache.
+    """
+    rank, world = rank_and_world()
+    cached: dict[str, dict] = {}
+    current: dict[str, str] = {}
+    if rank == 0:
+        current = keys()
+        cached = {i: r for i, r in cache.read().items() if i in current and r.get("key") == current[i]}
+    done = _broadcast(set(cached))
+    todo = [item for i, item in items.items() if i not in done]
+    bar = tqdm(total=len(todo), desc=label, unit="sample", dynamic_ncols=True, disable=rank != 0 or not todo)
+    if todo and rank == 0:
+        bar.write(
+            f"{label}: {len(todo)} of {len(items)} samples to run ({len(done)} cached)", file=sys.stderr
+        )
+    step_size = batch_size * world
+    for start in range(0, len(todo), step_size):
+        mine = todo[start : start + step_size][rank::world]
+        records = _gather(predict_batch(mine) if mine else [])
+        if rank == 0:
+            for record in records:
+                record["key"] = current[record["id"]]
+            cache.append(records)
+            cached.update((r["id"], r) for r in records)
+            bar.update(len(records))
+    bar.close()
+    return cached if rank == 0 else None
+
+
 def predict(
     run: Run,
     backend,
@@ -167,49 +212,26 @@ def predict(
 ) -> list[dict] | None:
     """Every sample's record for `run` (on rank 0; None elsewhere), running only what is not cached
     under its current key."""
-    rank, world = rank_and_world()
     samples, pool = run.task.samples, run.task.pool
     cache = PredictionCache(options.out / "predictions" / run.key)
     demos = {
         s.id: [pool[i] for i in selector.select(s, run.shots, run.trial)] if run.shots else []
         for s in samples
     }
-    cached, keys = {}, {}
-    if rank == 0:
+
+    def keys() -> dict[str, str]:
         make_key = PredictionKeys(run.task.config, checkpoint, images)
-        keys = {s.id: make_key(s, demos[s.id]) for s in samples}
-        cached = {i: r for i, r in cache.read().items() if i in keys and r.get("key") == keys[i]}
-    done = _broadcast(set(cached))
-    todo = [s for s in samples if s.id not in done]
-    bar = tqdm(
-        total=len(todo),
-        desc=f"kosmos eval: {run.key}",
-        unit="sample",
-        dynamic_ncols=True,
-        disable=rank != 0 or not todo,
-    )
-    if todo and rank == 0:
-        bar.write(
-            f"kosmos eval: {run.key}: {len(todo)} of {len(samples)} samples to run ({len(done)} cached)",
-            file=sys.stderr,
-        )
-    step_size = options.batch_size * world
-    for start in range(0, len(todo), step_size):
-        mine = todo[start : start + step_size][rank::world]
-        records = []
-        if mine:
-            records = run_batch(run.task.config, backend, mine, [demos[q.id] for q in mine])
-            for record in records:
-                record.update(shots=run.shots, trial=run.trial, demos=[d.id for d in demos[record["id"]]])
-        records = _gather(records)
-        if rank == 0:
-            for record in records:
-                record["key"] = keys[record["id"]]
-            cache.append(records)
-            cached.update((r["id"], r) for r in records)
-            bar.update(len(records))
-    bar.close()
-    if rank != 0:
+        return {s.id: make_key(s, demos[s.id]) for s in samples}
+
+    def predict_batch(batch: list[Sample]) -> list[dict]:
+        records = run_batch(run.task.config, backend, batch, [demos[s.id] for s in batch])
+        for record in records:
+            record.update(shots=run.shots, trial=run.trial, demos=[d.id for d in demos[record["id"]]])
+        return records
+
+    label = f"kosmos eval: {run.key}"
+    cached = cached_records(cache, {s.id: s for s in samples}, keys, predict_batch, options.batch_size, label)
+    if cached is None:
         return None
     # What the metrics compare with comes from the data as it is now, not as it was when predicted.
     records = [{**cached[s.id], **sample_fields(s)} for s in samples]

@@ -28,6 +28,7 @@ from kosmos.data.scienceqa import (
     rationales_for,
     read_rationales,
 )
+from kosmos.eval.backend import layout_prompt
 from kosmos.eval.cache import (
     CheckpointIdentity,
     ImageHashes,
@@ -35,6 +36,7 @@ from kosmos.eval.cache import (
     describe_prompt,
     prediction_key,
 )
+from kosmos.eval.harness import cached_records
 from kosmos.eval.metrics import bootstrap_ci, compute_metrics
 from kosmos.eval.tasks import DecodingConfig
 
@@ -48,6 +50,35 @@ def check_problems(problems: Sequence[Problem], split: str) -> None:
         raise ConfigError(f"--data: {len(missing)} image file(s) missing, first: {missing[0]}")
 
 
+def prompts_of(stage: str, rationales: dict[str, str] | None = None) -> Callable[[Problem], list]:
+    """The prompt of a problem at `stage`: `rationale`, `answer` (reading its rationale in
+    `rationales`, by problem id) or `direct`."""
+    if stage == "answer":
+        return lambda problem: prompt_parts(problem, "answer", rationales[problem.pid])
+    return lambda problem: prompt_parts(problem, stage)
+
+
+def rationales_by_pid(problems: Sequence[Problem], path: Path) -> dict[str, str]:
+    """Each problem's rationale from stage-1 records (joined by problem id; one missing stops)."""
+    texts = rationales_for(list(problems), read_rationales(path), str(path))
+    return {problem.pid: text for problem, text in zip(problems, texts, strict=True)}
+
+
+def check_room(
+    problems: Sequence[Problem], prompt: Callable[[Problem], list], tokenizer, model_cfg, max_new_tokens: int
+) -> None:
+    """Before the model loads: the longest prompt and `max_new_tokens` fit in the model's positions."""
+    num_image_tokens = model_cfg.connector.num_queries
+    longest = max(len(layout_prompt(tokenizer, num_image_tokens, prompt(p))) for p in problems)
+    positions = model_cfg.text.max_positions
+    if longest + max_new_tokens > positions:
+        room = f"at most {positions - longest} fit" if longest < positions else "the prompt alone fills them"
+        raise ConfigError(
+            f"--max-new-tokens: {max_new_tokens} new tokens after the longest prompt ({longest} tokens) "
+            f"exceed the model's {positions} positions ({room})"
+        )
+
+
 def _run(
     backend,
     problems: Sequence[Problem],
@@ -57,19 +88,21 @@ def _run(
     record: Callable[[Problem, str], dict],
     batch_size: int,
 ) -> list[dict]:
-    """One record per problem, generating only for those the cache does not hold under their key."""
+    """One record per problem, generating only for those the cache does not hold under their key
+    (the harness's cached loop)."""
     cache = PredictionCache(out)
     images = ImageHashes()
-    keys = {p.pid: prediction_key(context, describe_prompt(prompt(p), images)) for p in problems}
-    done = {pid: r for pid, r in cache.read().items() if pid in keys and r.get("key") == keys[pid]}
-    todo = [p for p in problems if p.pid not in done]
     decoding = DecodingConfig(strategy="greedy", max_new_tokens=context["max_new_tokens"])
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+
+    def keys() -> dict[str, str]:
+        return {p.pid: prediction_key(context, describe_prompt(prompt(p), images)) for p in problems}
+
+    def predict_batch(batch: list[Problem]) -> list[dict]:
         texts = backend.generate([prompt(p) for p in batch], decoding)
-        records = [{**record(p, text), "key": keys[p.pid]} for p, text in zip(batch, texts, strict=True)]
-        cache.append(records)
-        done.update((r["id"], r) for r in records)
+        return [record(p, text) for p, text in zip(batch, texts, strict=True)]
+
+    label = f"kosmos mmcot: {context['stage']}"
+    done = cached_records(cache, {p.pid: p for p in problems}, keys, predict_batch, batch_size, label)
     records = [done[p.pid] for p in problems]
     cache.rewrite(records)
     return records
@@ -91,21 +124,15 @@ def generate_rationales(
     max_new_tokens: int = 512,
     batch_size: int = 8,
 ) -> list[dict]:
-    """Stage 1: `{"id", "prediction" (the rationale), "references" ([gold] or [])}` per problem."""
+    """Stage 1: `{"id", "prediction" (the rationale), "references" ([gold] or [])}` per problem.
+    `checkpoint` identifies the weights (`kosmos.eval.cache.checkpoint_identity`) in the cache keys."""
 
     def record(problem: Problem, text: str) -> dict:
         gold = gold_rationale(problem)
         return {"id": problem.pid, "prediction": text, "references": [gold] if gold else []}
 
-    return _run(
-        backend,
-        problems,
-        out,
-        _context("rationale", checkpoint, max_new_tokens),
-        lambda p: prompt_parts(p, "rationale"),
-        record,
-        batch_size,
-    )
+    context = _context("rationale", checkpoint, max_new_tokens)
+    return _run(backend, problems, out, context, prompts_of("rationale"), record, batch_size)
 
 
 def answer_problems(
@@ -120,16 +147,8 @@ def answer_problems(
     """Stage 2 with the rationales of `rationales` (stage-1 records, joined by problem id), or the
     one-stage baseline without. Records carry the generated text, the option it names (`choice`,
     -1 when it names none), the right `answer`, and the metadata the breakdown groups by."""
-    by_pid: dict[str, str] = {}
-    if rationales is not None:
-        texts = rationales_for(list(problems), read_rationales(rationales), str(rationales))
-        by_pid = {p.pid: text for p, text in zip(problems, texts)}
+    by_pid = rationales_by_pid(problems, rationales) if rationales is not None else None
     stage = "direct" if rationales is None else "answer"
-
-    def prompt(problem: Problem) -> list:
-        if rationales is None:
-            return prompt_parts(problem, "direct")
-        return prompt_parts(problem, "answer", by_pid[problem.pid])
 
     def record(problem: Problem, text: str) -> dict:
         choice = parse_answer(text, len(problem.choices))
@@ -141,13 +160,12 @@ def answer_problems(
             "choices": problem.choices,
             "meta": problem.meta,
         }
-        if rationales is not None:
+        if by_pid is not None:
             out["rationale"] = by_pid[problem.pid]
         return out
 
-    return _run(
-        backend, problems, out, _context(stage, checkpoint, max_new_tokens), prompt, record, batch_size
-    )
+    context = _context(stage, checkpoint, max_new_tokens)
+    return _run(backend, problems, out, context, prompts_of(stage, by_pid), record, batch_size)
 
 
 def score_answers(records: Sequence[dict], seed: int = 0) -> dict:
