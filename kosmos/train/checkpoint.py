@@ -8,6 +8,7 @@ latest                 # the tag of the newest complete checkpoint, replaced ato
 step_00001000/         # one DeepSpeed checkpoint (ZeRO shards of every rank) plus:
     model.yaml         #   the model config, so the folder loads on its own
     tokenizer.model    #   the SentencePiece model the run was trained with
+    model.safetensors  #   the consolidated weights, once inference has loaded it (`kosmos.checkpoint`)
 step_00002000/
 zero_to_fp32.py        # DeepSpeed's offline consolidation script
 ```
