@@ -121,22 +121,27 @@ class ModelBackend:
         return texts
 
     def log_likelihood(
-        self, prompts: Sequence[Prompt], continuations: Sequence[str], normalize: bool = False
-    ) -> list[float]:
-        """Log-probability of each continuation after its prompt (mean per token if `normalize`)."""
+        self,
+        prompts: Sequence[Prompt],
+        continuations: Sequence[str],
+        normalize: bool = False,
+        greedy: bool = False,
+    ) -> list[float] | list[tuple[float, bool]]:
+        """Log-probability of each continuation after its prompt (mean per token if `normalize`);
+        with `greedy`, (log-probability, whether greedy decoding would write the continuation)."""
         from kosmos.model import sequence_log_likelihood
 
         pairs = list(zip(prompts, continuations, strict=True))
-        scores: list[float] = []
+        scores: list = []
         seen: dict = {}
         for batch in self._batches(pairs):
             encoded = [self.encode(p, c, seen) for p, c in batch]
             sequences = [e for e, _ in encoded]
-            values = sequence_log_likelihood(
-                self.model, sequences, self._stack([i for _, imgs in encoded for i in imgs])
-            )
-            for seq, value in zip(sequences, values.tolist()):
-                scores.append(value / max(1, sum(seq.learn)) if normalize else value)
+            images = self._stack([i for _, imgs in encoded for i in imgs])
+            values, is_greedy = sequence_log_likelihood(self.model, sequences, images, greedy=True)
+            for seq, value, flag in zip(sequences, values.tolist(), is_greedy.tolist()):
+                value = value / max(1, sum(seq.learn)) if normalize else value
+                scores.append((value, flag) if greedy else value)
         return scores
 
 

@@ -243,9 +243,11 @@ def _beam_search(
 
 @torch.no_grad()
 def sequence_log_likelihood(
-    model: KosmosModel, sequences: Sequence[Encoded], images: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Sum of log-probabilities of each sequence's learned tokens (`Encoded.learn`), one per row.
+    model: KosmosModel, sequences: Sequence[Encoded], images: torch.Tensor | None = None, greedy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probabilities of each sequence's learned tokens (`Encoded.learn`), one per row; with
+    `greedy`, also whether each learned token is the model's most likely one, all of them (a bool
+    per row: lm-evaluation-harness's `is_greedy`).
 
     Candidate ranking (classification, Raven's P("Yes")) marks the prompt as not learned and the
     candidate as learned.
@@ -262,4 +264,12 @@ def sequence_log_likelihood(
         out = model(**batch, images=None if images is None else images.to(device), labels=labels)
     finally:
         model.train(was_training)
-    return -out.token_loss.sum(1)
+    scores = -out.token_loss.sum(1)
+    if not greedy:
+        return scores
+    # The logits are those of the labelled positions, in row order.
+    flat = labels.flatten()
+    labelled = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    missed = (out.logits.argmax(-1) != flat[labelled]).long()
+    rows = labelled // labels.shape[1]
+    return scores, torch.zeros(len(sequences), dtype=torch.long, device=device).index_add(0, rows, missed) == 0
