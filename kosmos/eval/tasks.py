@@ -72,7 +72,9 @@ class SplitConfig:
 
 
 @dataclass
-class DataConfig:
+class TaskDataConfig:
+    """A task's `data:` section: where its samples are and in which format."""
+
     format: str
     eval: SplitConfig
     # Relative to the evaluation's --data-root unless absolute.
@@ -118,7 +120,7 @@ class DecodingConfig:
 @dataclass
 class TaskConfig:
     kind: Literal["generate", "rank_choices", "rank_images"]
-    data: DataConfig
+    data: TaskDataConfig
     prompt: PromptConfig
     metrics: list[str]
     name: str = ""  # defaults to the file name
