@@ -75,8 +75,8 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
     model = KosmosModel(cfg.model).to(device).train()
     twin = transformers_twin(model).to(device).train()  # built before any update: equal weights
     sides = {
-        "ours": Trainer(model, cfg, args.steps, ours_micro_step),
-        "theirs": Trainer(twin, cfg, args.steps, theirs_micro_step),
+        "ours": RecordedSteps(model, cfg, args.steps, ours_micro_step),
+        "theirs": RecordedSteps(twin, cfg, args.steps, theirs_micro_step),
     }
     for index, (ours, theirs) in enumerate(steps):
         for name, micro_batches in (("ours", ours), ("theirs", theirs)):
@@ -194,7 +194,7 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class Trainer:
+class RecordedSteps:
     """One side's optimizer steps: the trainer's AdamW, schedule and clipping, a loss normalised by
     the labelled tokens of the whole step; records each step's loss, seconds and sizes."""
 
