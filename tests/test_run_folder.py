@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from kosmos import config as config_io
+from kosmos.cli import main
 from kosmos.config import ConfigError
 from kosmos.train.config import OptimizerConfig, TrainConfig
 from kosmos.train.optim import build_lr_schedule, build_optimizer, follow_config, lr_factor
 from kosmos.train.preemption import StopRequest
+from kosmos.train.resume_keys import FREE_ON_RESUME
 from kosmos.train.run_folder import (
     CONFIG,
     LOCK_HOLDER,
@@ -72,6 +74,15 @@ def test_a_resume_applies_free_keys_and_refuses_the_rest_unless_allowed(config, 
 
     with pytest.raises(ConfigError, match="optimiser.lr is not a config key"):
         resume_changes(tmp_path, lower_lr, ["optimiser.lr"])
+
+
+def test_train_help_lists_every_key_a_resume_changes_freely(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    help_of_option = text.split("--allow-config-change KEY", 2)[2].split("--dry-run")[0]
+    for key in FREE_ON_RESUME:
+        assert (key + "*" if key.endswith(".") else key) in help_of_option
 
 
 def test_a_model_of_another_shape_is_refused_even_when_allowed(config, tmp_path):

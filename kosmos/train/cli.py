@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from kosmos.threads import configure_threads
+from kosmos.train.resume_keys import free_keys_listed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="on resume, accept a change of this key or section (repeatable), e.g. optimizer.lr; "
-        "train.max_steps, train.log_interval, checkpoint.* and logging.* change without it",
+        help="on resume, accept a change of this key or section (repeatable), e.g. optimizer.lr; these "
+        f"change without it: {free_keys_listed()}",
     )
     # The deepspeed launcher passes --local_rank; the rank is read from the environment instead.
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

@@ -4,7 +4,8 @@
   process dies, however it dies) and names itself in `RUN/.lock.holder`; a second launch on the folder
   stops with a message naming the holder.
 - `resume_changes`: the requested config against the run's `config.yaml`. Keys in `FREE_ON_RESUME`
-  change freely; any other change is refused, with the old and new values, unless allowed by name.
+  (`kosmos.train.resume_keys`) change freely; any other change is refused, with the old and new
+  values, unless allowed by name.
 - `record_launch`: once a launch is accepted, `config.yaml` becomes its config and `history.jsonl`
   gets one line for it (config, changes, command line, package versions, git commit).
 """
@@ -30,36 +31,12 @@ from kosmos import config as config_io
 from kosmos.config import ConfigError
 from kosmos.model import ModelConfig
 from kosmos.train.config import TrainConfig
+from kosmos.train.resume_keys import FREE_ON_RESUME, free_keys_listed
 
 CONFIG = "config.yaml"
 HISTORY = "history.jsonl"
 LOCK = ".lock"
 LOCK_HOLDER = ".lock.holder"
-
-# Keys that change how a run is watched, saved, sped up or how long it goes on, not what its
-# checkpoints so far mean; a resume applies them without asking. A key ending in "." is a section.
-FREE_ON_RESUME = (
-    "train.max_steps",
-    "train.log_interval",
-    "train.max_nonfinite_steps",
-    "train.init_from",
-    "train.compile",
-    "train.threads",
-    "train.eval_interval",
-    # What the validation loss is measured on (the held-out share is not free: it decides what is trained on).
-    "data.validation.corpora",
-    "data.validation.rows",
-    "checkpoint.",
-    "logging.",
-    "deepspeed.activation_checkpointing",
-    # The loader's processes and reading: the saved positions regroup onto any number of workers.
-    "data.num_workers",
-    "data.cache_mb",
-    "data.cache_dir",
-    "data.read_retries",
-    "data.read_timeout_s",
-    "data.max_skip_fraction",
-)
 
 # Recorded in the history of every launch (those installed).
 PACKAGES = (
@@ -191,7 +168,7 @@ def resume_changes(run_dir: Path, cfg: TrainConfig, allowed: list[str]) -> list[
             f"{run_dir} has checkpoints trained with other settings; resuming would change\n{lines}\n"
             f"Allow each change with --allow-config-change KEY (a key or a section, e.g. optimizer.lr), or "
             f"train into a new --run-dir (train.init_from={run_dir} starts from these weights). A resume "
-            f"changes without asking: {', '.join(k + '*' if k.endswith('.') else k for k in FREE_ON_RESUME)}"
+            f"changes without asking: {free_keys_listed()}"
         )
     if any(c.key.startswith("model.") for c in changes):
         _check_same_parameters(config_io.from_dict(ModelConfig, old["model"], "model"), cfg.model, run_dir)
