@@ -39,6 +39,15 @@ def test_help_imports_no_heavy_module():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_index_help_names_every_shard_suffix_the_loader_reads(capsys):
+    from kosmos.data.shards import SHARD_SUFFIXES
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "index", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"{suffix}," in text or f"{suffix})" in text for suffix in SHARD_SUFFIXES)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args(["--version"])

@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an index for WebDataset shards where they lie (local, s3://, gs://, https://); nothing is copied",
     )
     index.add_argument(
-        "src", nargs="+", help="shards, folders or URL prefixes of shards, or globs (.tar, .tar.gz, .tar.zst)"
+        "src", nargs="+", help="shards, folders or URL prefixes of shards, or globs (.tar, .tar.gz, .tgz, .tar.zst)"
     )
     index.add_argument("--out", required=True, type=Path, help="folder to write index.json into")
     index.add_argument(
