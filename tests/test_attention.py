@@ -2,8 +2,10 @@
 `model.attention: auto` picks as documented. Nothing here is timed."""
 
 import dataclasses
+import inspect
 
 import pytest
+import standins
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,12 @@ def test_packed_batch_has_many_documents_padding_and_images(tiny_config):
     assert (segments.max(1).values >= 4).all()
     assert (segments == 0).any() and batch["image_mask"].any()
     assert int(batch["image_mask"].sum()) == len(batch["images"]) * tiny_config.connector.num_queries
+
+
+def test_packed_batches_of_any_seed_hold_only_documents_that_can_be_made(tiny_config):
+    for seed in range(12):  # short text documents were drawn 2 positions long in about a third of seeds
+        batch = synthetic_packed_batch(tiny_config, rows=2, seq_len=160, seed=seed, spread=4)
+        assert batch["input_ids"].shape == (2, 160)
 
 
 def test_documents_backend_trains_like_the_dense_mask(tiny_config):
@@ -99,7 +107,7 @@ def test_flex_backend_forward_matches_the_dense_mask_on_cpu(tiny_config):
 
 
 def test_auto_picks_per_device_dtype_and_pass(monkeypatch):
-    monkeypatch.setattr(attention_module, "varlen_attn", object())
+    monkeypatch.setattr(attention_module, "varlen_attn", standins.varlen_attn_2_11)
     for needs_grad in (True, False):
         for dtype in (torch.float32, torch.bfloat16):
             assert choose_backend("auto", CPU, dtype, needs_grad, dropout=False) == "documents"
@@ -107,17 +115,38 @@ def test_auto_picks_per_device_dtype_and_pass(monkeypatch):
     assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=False) == "varlen"
     assert choose_backend("auto", CUDA, torch.float32, True, dropout=False) == "flex"
     assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=True) == "documents"
-    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", object())
+    # Forward passes over ever new padded lengths: never the fixed-shape compiled flex.
+    assert choose_backend("auto", CUDA, torch.float32, False, dropout=False) == "documents"
+    assert choose_backend("auto", CUDA, torch.bfloat16, False, dropout=False) == "varlen"
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", standins.flash_attn_varlen_func)
     assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=True) == "flash"
     assert choose_backend("auto", CUDA, torch.float32, True, dropout=False) == "flex"
 
 
+def test_auto_never_picks_a_backend_the_installed_torch_lacks(monkeypatch):
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(attention_module, "varlen_attn", None)  # torch before 2.10
+    assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=False) == "flex"
+    with pytest.raises(ConfigError, match=r"varlen needs torch>=2.10 .*this is torch"):
+        choose_backend("varlen", CUDA, torch.bfloat16, True, dropout=False)
+    monkeypatch.setattr(attention_module, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k: q)
+    with pytest.raises(ConfigError, match="varlen needs torch>=2.10 .*another signature"):
+        choose_backend("varlen", CUDA, torch.bfloat16, True, dropout=False)
+    monkeypatch.setattr(attention_module, "flex_attention", None)  # torch before 2.5
+    assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=False) == "documents"
+    with pytest.raises(ConfigError, match="flex needs torch>=2.5"):
+        choose_backend("flex", CUDA, torch.bfloat16, True, dropout=False)
+    with pytest.raises(ConfigError, match=r"flash needs flash-attn>=2.5 installed"):
+        choose_backend("flash", CUDA, torch.bfloat16, True, dropout=False)
+
+
 def test_backends_that_cannot_run_are_refused_by_name(monkeypatch):
     monkeypatch.setattr(attention_module, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(attention_module, "varlen_attn", standins.varlen_attn_2_11)
     refusals = [
         ("flash", CUDA, torch.bfloat16, False, "flash needs flash-attn"),
-        ("varlen", CPU, torch.bfloat16, False, "varlen needs"),
-        ("varlen", CUDA, torch.float32, False, "varlen needs"),
+        ("varlen", CPU, torch.bfloat16, False, "varlen needs a CUDA device"),
+        ("varlen", CUDA, torch.float32, False, "varlen needs fp16/bf16"),
         ("flex", CPU, torch.float32, False, "flex trains only on CUDA"),
         ("flex", CUDA, torch.float32, True, "flex has no attention dropout"),
     ]
@@ -126,6 +155,109 @@ def test_backends_that_cannot_run_are_refused_by_name(monkeypatch):
             choose_backend(choice, device, dtype, needs_grad=True, dropout=dropout)
     assert choose_backend("flex", CPU, torch.float32, needs_grad=False, dropout=False) == "flex"
     assert choose_backend("sdpa", CUDA, torch.bfloat16, True, dropout=True) == "sdpa"
+
+
+def test_deterministic_training_uses_only_deterministic_backwards(monkeypatch):
+    monkeypatch.setattr(attention_module, "varlen_attn", standins.varlen_attn_2_11)
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=False) == "documents"
+    for name in ("varlen", "flex"):
+        with pytest.raises(ConfigError, match=f"{name} has no deterministic backward"):
+            choose_backend(name, CUDA, torch.bfloat16, True, dropout=False)
+    assert choose_backend("auto", CUDA, torch.bfloat16, False, dropout=False) == "varlen"  # no backward
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", standins.flash_attn_varlen_func)
+    assert choose_backend("auto", CUDA, torch.bfloat16, True, dropout=False) == "flash"
+    assert attention_module.flash_arguments(standins.flash_attn_varlen_func)["deterministic"] is True
+
+
+# The signatures of the kernels as the releases we support define them (the parameters we pass).
+RECORDED_SIGNATURES = {
+    ("torch", (2, 10)): standins.varlen_attn_2_10,
+    ("torch", (2, 11)): standins.varlen_attn_2_11,
+    ("flash-attn", (2, 6)): standins.flash_attn_varlen_func,
+}
+
+
+@pytest.mark.parametrize("release", list(RECORDED_SIGNATURES), ids=lambda r: f"{r[0]}-{r[1]}")
+def test_kernel_calls_bind_to_each_supported_release(release):
+    kernel = RECORDED_SIGNATURES[release]
+    adapter = (
+        attention_module.flash_arguments if release[0] == "flash-attn" else attention_module.varlen_causal_arguments
+    )
+    options = adapter(kernel)
+    assert options is not None
+    inspect.signature(kernel).bind(*"qkv", "cu", "cu", 8, 8, **options)  # how `Varlen` calls it
+
+
+def test_installed_varlen_kernel_has_the_recorded_signature():
+    from torch.nn.attention import varlen
+
+    version = tuple(int(x) for x in torch.__version__.split(".")[:2])
+    recorded = RECORDED_SIGNATURES[("torch", max(v for _, v in RECORDED_SIGNATURES if v <= version))]
+    real = inspect.signature(varlen.varlen_attn).parameters
+    for name, parameter in inspect.signature(recorded).parameters.items():
+        assert name in real and real[name].kind == parameter.kind, name
+        assert real[name].default == parameter.default, name
+    assert attention_module.varlen_causal_arguments(varlen.varlen_attn) == attention_module.varlen_causal_arguments(
+        recorded
+    )
+
+
+def test_installed_flex_has_what_the_backend_calls():
+    from torch.nn.attention import flex_attention
+
+    assert {"B", "H", "Q_LEN", "KV_LEN", "device"} <= inspect.signature(flex_attention.create_block_mask).parameters.keys()
+    assert "block_mask" in inspect.signature(flex_attention.flex_attention).parameters
+
+
+@pytest.mark.parametrize("varlen", [standins.varlen_attn_2_10, standins.varlen_attn_2_11])
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_varlen_kernels_called_as_they_require_train_like_the_dense_mask(
+    tiny_config, monkeypatch, backend, varlen
+):
+    standins.install(monkeypatch, varlen)
+    cfg = dataclasses.replace(tiny_config, text=dataclasses.replace(tiny_config.text, layers=1, attention_dropout=0.0))
+    reference = KosmosModel(dataclasses.replace(cfg, attention="sdpa")).bfloat16().train()
+    other = _twin(reference, backend).bfloat16()
+    batch = synthetic_packed_batch(cfg, rows=2, seq_len=128)
+    batch["images"] = batch["images"].bfloat16()
+    logits, _, grads = _logits_and_grads(other, batch)
+    ref_logits, _, ref_grads = _logits_and_grads(reference, batch)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), atol=5e-2, rtol=5e-2)
+    assert min_gradient_cosine(grads, ref_grads) > 0.99
+    if backend == "flash":
+        assert standins.flash_attn_varlen_func.calls and not standins.flash_attn_varlen_func.calls[0]["deterministic"]
+
+
+def test_kernel_standins_refuse_what_the_kernels_refuse():
+    q = torch.randn(10, 2, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    standins.varlen_attn_2_11(q, q, q, cu, cu, 10, 10, window_size=(-1, 0))
+    bad = [
+        ((q.float(), q, q, cu, cu, 10, 10), "fp16 and bf16"),
+        ((q, q, q, cu.long(), cu.long(), 10, 10), "int32"),
+        ((q, q, q, cu, cu, torch.tensor(10), 10), "must be an int"),
+        ((q.transpose(0, 1).contiguous().transpose(0, 1), q, q, cu, cu, 10, 10), "contiguous"),
+        ((torch.randn(10, 1, 264, dtype=torch.bfloat16),) * 3 + (cu, cu, 10, 10), "head_dim"),
+        ((q, q, q, cu, cu, 5, 10), "below the longest"),
+    ]
+    for arguments, message in bad:
+        with pytest.raises((RuntimeError, TypeError), match=message):
+            standins.varlen_attn_2_11(*arguments, window_size=(-1, 0))
+
+
+def test_flex_block_mask_is_built_on_the_segments_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(attention_module, "create_block_mask", lambda *a, device: seen.append(device))
+    segments = torch.ones(2, 16, dtype=torch.long, device="meta")
+    attention_module.FlexBlocks(segments)
+    # The tensor's device itself (on a GPU rank: cuda:LOCAL_RANK), not its type ("cuda" is cuda:0).
+    assert seen == [segments.device] and isinstance(seen[0], torch.device)
+
+
+def test_attention_choices_are_the_backends_and_auto():
+    assert set(attention_module.CHOICES) == {"auto", *attention_module.BACKENDS}
 
 
 def test_unknown_backend_is_a_config_error():
@@ -195,3 +327,16 @@ def test_gpu_benchmark_runs_its_parts_as_bench_commands():
     assert _subcommand(args, command, time.monotonic() + 10) == {"skipped": "out of time budget"}
     failed = _subcommand(args, command, time.monotonic() + 300, "model.text.heads=3")
     assert "model.text.heads" in failed["error"]
+
+
+def test_gradient_check_ignores_key_biases_whose_gradient_is_rounding_noise(tiny_config):
+    """In bf16 a key bias's gradient (zero in exact arithmetic) points anywhere: a correct backend
+    must not fail the check on it."""
+    reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).bfloat16().train()
+    batch = synthetic_packed_batch(tiny_config, rows=2, seq_len=96)
+    batch["images"] = batch["images"].bfloat16()
+    _, _, grads = _logits_and_grads(reference, batch)
+    noisy = dict(grads)
+    for name in [n for n in grads if n.endswith("k_proj.bias")]:
+        noisy[name] = torch.randn_like(grads[name]) * grads[name].float().norm()  # as large, any direction
+    assert min_gradient_cosine(noisy, grads) > 0.999

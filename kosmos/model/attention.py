@@ -14,22 +14,34 @@ A backend is chosen by `model.attention` and prepared once per forward from the 
 - `varlen`: PyTorch's variable-length flash kernel (`torch.nn.attention.varlen`): CUDA, fp16/bf16.
 - `flash`: flash-attn's variable-length kernel, when flash-attn is installed: CUDA, fp16/bf16.
 
-`varlen` and `flex` have no attention dropout: they are refused where dropout would apply.
+`varlen` and `flex` have no attention dropout: they are refused where dropout would apply. A backend
+whose kernel the installed torch (or flash-attn) lacks, or has with a signature we do not call, is
+refused by name with the version it needs (`BACKENDS`, `unavailable`), and `auto` never picks it.
+Under `torch.use_deterministic_algorithms` (`train.deterministic`) only backends with a
+deterministic backward run: `sdpa` and `documents` (PyTorch's fused SDPA kernels then take their
+deterministic path) and `flash` (its `deterministic` backward).
+
 `auto` picks, for the device, dtype and pass at hand (see `choose_backend`):
-- CUDA: `flash` if installed (half precision); else, unless dropout applies, `varlen` (half
-  precision) or `flex`; else `documents`.
+- CUDA, training: `flash` if installed (half precision); else, unless dropout applies or the run is
+  deterministic, `varlen` (half precision) or `flex`; else `documents`.
+- CUDA, forward passes (evaluation, generation): `flash` or `varlen` in half precision, else
+  `documents` (`flex` is compiled for fixed shapes: every new padded length would recompile).
 - CPU and other devices: `documents` (the fastest measured on CPU for training and for forward
   passes alike; docs/performance.md).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
 from kosmos.config import ConfigError
+from kosmos.model.config import AttentionChoice
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -41,7 +53,67 @@ try:
 except ImportError:
     varlen_attn = None
 
-BACKENDS = ("auto", "sdpa", "documents", "flex", "varlen", "flash")
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend needs and offers (the kernels' own requirements are in `Varlen`)."""
+
+    requires: str  # the package release that has its kernel with the signature we call
+    cuda_only: bool = False
+    half_only: bool = False
+    dropout: bool = True  # has attention dropout
+    trains_on_cpu: bool = True
+    deterministic: bool = True  # has a deterministic backward (under deterministic algorithms)
+
+
+BACKENDS: dict[str, Backend] = {
+    "sdpa": Backend("torch>=2.4"),
+    "documents": Backend("torch>=2.4"),
+    "flex": Backend("torch>=2.5", dropout=False, trains_on_cpu=False, deterministic=False),
+    "varlen": Backend("torch>=2.10", cuda_only=True, half_only=True, dropout=False, deterministic=False),
+    "flash": Backend("flash-attn>=2.5", cuda_only=True, half_only=True),
+}
+CHOICES = get_args(AttentionChoice)  # "auto" and the backends
+
+
+def varlen_causal_arguments(kernel: Callable | None) -> dict | None:
+    """The keyword arguments that make torch's `varlen_attn` causal, by its signature: torch 2.10
+    has `is_causal`; 2.11 and later have `window_size` (left, right), (-1, 0) being causal. None
+    where the kernel is missing or has neither."""
+    if kernel is None:
+        return None
+    parameters = inspect.signature(kernel).parameters
+    if "window_size" in parameters:
+        return {"window_size": (-1, 0)}
+    if "is_causal" in parameters:
+        return {"is_causal": True}
+    return None
+
+
+def flash_arguments(kernel: Callable | None) -> dict | None:
+    """Keyword arguments of flash-attn's `flash_attn_varlen_func` beyond the common ones: its
+    `deterministic` backward (flash-attn 2.4.1 and later) when deterministic algorithms are on."""
+    if kernel is None or "deterministic" not in inspect.signature(kernel).parameters:
+        return None
+    return {"causal": True, "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+def unavailable(name: str) -> str | None:
+    """Why the installed packages cannot run backend `name` (None: they can)."""
+    have = f"this is torch {torch.__version__}"
+    if name == "flex" and flex_attention is None:
+        return f"flex needs {BACKENDS[name].requires} (FlexAttention); {have}"
+    if name == "varlen" and varlen_causal_arguments(varlen_attn) is None:
+        found = "has no varlen_attn" if varlen_attn is None else "has a varlen_attn of another signature"
+        return f"varlen needs {BACKENDS[name].requires} (torch.nn.attention.varlen); {have}, which {found}"
+    if name == "flash" and flash_arguments(flash_attn_varlen_func) is None:
+        return f"flash needs {BACKENDS[name].requires} installed (pip install 'kosmos[flash]')"
+    return None
 
 
 def attends_per_document(backend: str) -> bool:
@@ -58,32 +130,44 @@ BUCKET_FILL = 0.75
 BUCKET_SLACK = 64
 
 
+def refusal(
+    name: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, dropout: bool
+) -> str | None:
+    """Why backend `name` cannot run this pass (None: it can)."""
+    backend = BACKENDS[name]
+    reason = unavailable(name)
+    if reason:
+        return reason
+    if backend.cuda_only and device.type != "cuda":
+        return f"{name} needs a CUDA device"
+    if backend.half_only and dtype not in HALF:
+        return f"{name} needs fp16/bf16"
+    if needs_grad and not backend.trains_on_cpu and device.type != "cuda":
+        return f"{name} trains only on CUDA (PyTorch has no backward of it on CPU)"
+    if dropout and not backend.dropout:
+        return (
+            f"{name} has no attention dropout; set model.text.attention_dropout=0 "
+            "or choose sdpa, documents or flash"
+        )
+    if needs_grad and not backend.deterministic and torch.are_deterministic_algorithms_enabled():
+        return f"{name} has no deterministic backward (train.deterministic); choose sdpa, documents or flash"
+    return None
+
+
 def choose_backend(
     choice: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, dropout: bool
 ) -> str:
     """The backend `choice` ("auto" or a name) resolves to; raises ConfigError where it cannot run."""
-    cuda, half = device.type == "cuda", dtype in HALF
     if choice == "auto":
-        if cuda and half and flash_attn_varlen_func is not None:
-            return "flash"
-        if cuda and not dropout:
-            return "varlen" if half and varlen_attn is not None else "flex"
-        return "documents"
-    if choice == "flash" and (flash_attn_varlen_func is None or not cuda or not half):
-        raise ConfigError("model.attention: flash needs flash-attn installed, a CUDA device and fp16/bf16")
-    if choice == "varlen" and (varlen_attn is None or not cuda or not half):
-        raise ConfigError(
-            "model.attention: varlen needs PyTorch's varlen kernel, a CUDA device and fp16/bf16"
-        )
-    if choice == "flex" and needs_grad and not cuda:
-        raise ConfigError(
-            "model.attention: flex trains only on CUDA (PyTorch has no FlexAttention backward on CPU)"
-        )
-    if choice in ("flex", "varlen") and dropout:
-        raise ConfigError(
-            f"model.attention: {choice} has no attention dropout; set model.text.attention_dropout=0 "
-            "or choose sdpa, documents or flash"
-        )
+        if device.type != "cuda":
+            return "documents"
+        # `flex` is compiled for fixed shapes: forward passes over ever new padded lengths skip it.
+        order = ["flash", "varlen", "flex"] if needs_grad else ["flash", "varlen"]
+        runs = (name for name in order if refusal(name, device, dtype, needs_grad, dropout) is None)
+        return next(runs, "documents")
+    reason = refusal(choice, device, dtype, needs_grad, dropout)
+    if reason:
+        raise ConfigError(f"model.attention: {reason}")
     return choice
 
 
@@ -203,8 +287,6 @@ _compiled_flex: dict[str, Callable] = {}
 
 def _flex_attention() -> Callable:
     """FlexAttention compiled once per process: uncompiled, it computes the whole score matrix."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     if "flex" not in _compiled_flex:
         _compiled_flex["flex"] = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex["flex"]
@@ -214,15 +296,12 @@ class FlexBlocks:
     """FlexAttention with a block mask built from the segment ids: wholly masked blocks are skipped."""
 
     def __init__(self, segments: torch.Tensor):
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def same_document(batch, head, query, key):
             return (segments[batch, query] == segments[batch, key]) & (query >= key)
 
         batch, length = segments.shape
-        self.block_mask = create_block_mask(
-            same_document, batch, None, length, length, device=segments.device.type
-        )
+        # The segments' own device, index included: on a rank's GPU, not the current default one.
+        self.block_mask = create_block_mask(same_document, batch, None, length, length, device=segments.device)
 
     def __call__(self, q, k, v, dropout: float) -> torch.Tensor:
         return _flex_attention()(q, k, v, block_mask=self.block_mask)
@@ -231,9 +310,11 @@ class FlexBlocks:
 class Varlen:
     """Variable-length flash kernels: each run of equal segment ids is its own causal sequence.
 
-    The bound on sequence length is the row length: the kernels only size their grid with it, and
-    the true maximum would cost another host sync (and make a compiled layer recompile whenever it
-    changes).
+    What both kernels require: q, k, v of shape (total, heads, head_dim), contiguous, fp16/bf16,
+    head_dim at most 256; cumulative sequence starts `cu` as int32 on q's device; the bounds on
+    sequence length as Python ints. The bound is the row length: the kernels only size their grid
+    with it, and the true maximum would cost another host sync (and make a compiled layer recompile
+    whenever it changes).
     """
 
     def __init__(self, segments: torch.Tensor, torch_kernel: bool):
@@ -241,14 +322,16 @@ class Varlen:
         self.cu = torch.cat([starts, starts.new_tensor([segments.numel()])]).to(torch.int32)
         self.max_len = segments.shape[1]
         self.torch_kernel = torch_kernel
+        # Read once per forward, not in every layer (nor inside a compiled one).
+        self.options = varlen_causal_arguments(varlen_attn) if torch_kernel else flash_arguments(flash_attn_varlen_func)
 
     def __call__(self, q, k, v, dropout: float) -> torch.Tensor:
         b, h, t, d = q.shape
+        # [B, H, T, D] views of the projections' [B, T, H, D]: back to contiguous (B*T, H, D).
         q, k, v = (y.transpose(1, 2).reshape(b * t, h, d) for y in (q, k, v))
+        bounds = (self.cu, self.cu, self.max_len, self.max_len)
         if self.torch_kernel:
-            out = varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len, window_size=(-1, 0))
+            out = varlen_attn(q, k, v, *bounds, **self.options)
         else:
-            out = flash_attn_varlen_func(
-                q, k, v, self.cu, self.cu, self.max_len, self.max_len, dropout_p=dropout, causal=True
-            )
+            out = flash_attn_varlen_func(q, k, v, *bounds, dropout_p=dropout, **self.options)
         return out.reshape(b, t, h, d).transpose(1, 2)

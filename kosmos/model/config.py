@@ -69,15 +69,18 @@ class ConnectorConfig:
     num_queries: int = 64
 
 
+# The attention backends over packed rows, named here once (kosmos/model/attention.py describes them).
+AttentionChoice = Literal["auto", "sdpa", "documents", "flex", "varlen", "flash"]
+
+
 @dataclass
 class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
-    # Attention over packed rows (kosmos/model/attention.py): "sdpa" (dense document mask, the
-    # reference), "documents", "flex", "varlen", "flash"; "auto" picks the fastest that runs on the
-    # device, dtype and pass at hand.
-    attention: Literal["auto", "sdpa", "documents", "flex", "varlen", "flash"] = "auto"
+    # Attention over packed rows (kosmos/model/attention.py): "auto" picks the fastest backend that
+    # runs on the device, dtype and pass at hand.
+    attention: AttentionChoice = "auto"
 
 
 def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
