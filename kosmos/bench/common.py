@@ -105,7 +105,8 @@ def synthetic_packed_batch(cfg, rows: int, seq_len: int, seed: int = 0, spread: 
         padding = int(torch.randint(0, seq_len // 4, (), generator=generator)) if row else 0
         while used < seq_len - padding:
             with_image = bool(torch.randint(0, 2, (), generator=generator))
-            low = slots + 4 if with_image else 2
+            # The shortest documents `synthetic_batch` makes: `<s>`, a token of text (and an image), `</s>`.
+            low = slots + 4 if with_image else 3
             length = min(
                 int(torch.randint(low, low + spread, (), generator=generator)), seq_len - padding - used
             )

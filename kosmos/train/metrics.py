@@ -42,6 +42,7 @@ from kosmos.train.config import LoggingConfig
 # Dense bf16 peak TFLOP/s by device name, most specific names first.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),
     ("H200", 989.0),
     ("GH200", 989.0),

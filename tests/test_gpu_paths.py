@@ -1,0 +1,78 @@
+"""The CUDA paths run on CPU: `kosmos bench gpu` end to end, process groups and devices per rank,
+the optimizer state after a resize, the bookkeeping of a step without device syncs. Kernels are
+replaced by the strict stand-ins of `standins`; what only a GPU can show is in `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import standins
+import torch
+
+from kosmos.cli import main
+from kosmos.train.config import LoggingConfig
+from kosmos.train.metrics import peak_flops
+
+TINY = ["model.text.layers=2", "model.vision.layers=1", "model.vision.trainable_blocks=1"]
+
+
+@pytest.mark.parametrize(
+    "name, tflops", [("NVIDIA H100 NVL", 835), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756)]
+)
+def test_spec_peak_of_each_h100_model(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert peak_flops(LoggingConfig(), torch.device("cuda"), bf16=True) == tflops * 1e12
+
+
+def test_attention_times_cover_every_layer_of_a_step(tiny_config, monkeypatch):
+    from kosmos.bench.gpu import time_backends
+
+    standins.install(monkeypatch)
+    times = time_backends(
+        tiny_config, 128, torch.device("cpu"), ["documents", "varlen", "flash", "flex"], repeats=1
+    )
+    assert all(
+        times[name]["ms"] > 0 and times[name]["layers"] == tiny_config.text.layers
+        for name in ("sdpa", "varlen")
+    )
+    assert "flex trains only on CUDA" in times["flex"]["error"]
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_every_part_on_cpu_and_records_each_failure(tmp_path, monkeypatch, capsys):
+    from kosmos.bench import gpu
+
+    standins.install(monkeypatch)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu, "time_backends", out_of_memory)
+    out = tmp_path / "gpu.json"
+    command = ["bench", "gpu", "--device", "cpu", "--config", "configs/model/tiny.yaml", "--out", str(out)]
+    assert main([*command, "--stages", "2", "--train-steps", "1", *TINY]) == 0
+    report = json.loads(out.read_text())
+    checks = report["attention_checks"]
+    assert all(checks[name]["ok"] for name in ("documents", "varlen", "flash")), checks
+    assert not checks["flex"]["ok"] and "flex trains only on CUDA" in checks["flex"]["error"]
+    assert "out of memory" in report["attention_times"]["error"]  # recorded; the next parts ran
+    train = report["train"]
+    assert train["zero2"]["ours"]["tokens_per_s"] > 0 and train["zero2"]["mfu_peak"] == "measured"
+    assert (
+        train["zero2_packed"]["rows"] == "synthetic, packed"
+        and train["zero2_packed"]["documents_per_row"] > 1
+    )
+    assert report["generate"]["ours"]["tokens_per_s"] > 0
+    assert "written to" in capsys.readouterr().out
+
+
+def test_xpos_frequencies_stay_fp32_in_a_bf16_model():
+    from kosmos.model.kosmos import XPos
+
+    xpos = XPos(head_dim=64, scale_base=512, centre=1024)
+    x = torch.randn(1, 2, 300, 64).bfloat16()
+    positions = torch.arange(0, 2100, 7).unsqueeze(0)
+    expected = xpos(x, positions, is_key=True)
+    xpos.bfloat16()  # what DeepSpeed's bf16 engine and a bf16 evaluation do to the module
+    assert torch.equal(xpos(x, positions, is_key=True), expected)
