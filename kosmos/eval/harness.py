@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from kosmos.config import ConfigError, to_dict
+from kosmos.distributed import join_process_group
 from kosmos.eval.cache import CheckpointIdentity, ImageHashes, PredictionCache, PredictionKeys, data_files
 from kosmos.eval.datasets import Sample, load_samples
 from kosmos.eval.demos import SCHEMES, build_selector, check_demos
@@ -97,9 +97,9 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def init_distributed() -> None:
-    """Join the process group torchrun describes (gloo on CPU, nccl on GPU), if there is one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    """Join the process group torchrun describes, if there is one (`kosmos.distributed`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        join_process_group()
 
 
 def log(message: str) -> None:

@@ -4,67 +4,38 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kosmos.config import ConfigError
 from kosmos.configs import packaged
+from kosmos.distributed import DistributedEnv, join_process_group
 from kosmos.train.config import TrainConfig
 from kosmos.train.optim import build_lr_schedule, build_optimizer
 
 
-@dataclass
-class DistributedEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> DistributedEnv:
-    """Join the process group set up by torchrun, the deepspeed launcher or SLURM+torchrun.
+    """Join the process group (`kosmos.distributed`) with DeepSpeed set up for this machine.
 
     A plain `kosmos train` (no launcher) becomes a world of one, so training always runs through
-    the same DeepSpeed engine. NCCL on GPUs, gloo on CPU.
+    the same DeepSpeed engine.
     """
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     import deepspeed
     import deepspeed.ops
+    from deepspeed.constants import default_pg_timeout
 
     if not cuda:
         # DeepSpeed would otherwise JIT-compile a C++ shared-memory all-reduce here (a minute, a
         # compiler, and a build lock shared by every process on the machine); gloo does the job.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return DistributedEnv(
-        rank=torch.distributed.get_rank(),
-        world_size=torch.distributed.get_world_size(),
-        local_rank=local_rank,
-        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
-    )
+    env = join_process_group(timeout=default_pg_timeout)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # DeepSpeed's view of that group
+    return env
 
 
 def use_bf16(setting: str | bool) -> bool:
