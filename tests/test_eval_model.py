@@ -211,7 +211,7 @@ def test_command_line_runs_a_task(tmp_path, monkeypatch, capsys, tokenizer, tiny
     config_io.dump(tiny_config, folder / "model.yaml")
     (folder.parent / "latest").write_text("step_00000020")
     monkeypatch.setattr(
-        "kosmos.eval.backend.load_for_eval", lambda path, device: (model, tokenizer, tiny_config)
+        "kosmos.eval.backend.load_for_eval", lambda path, device, dtype: (model.to(dtype), tokenizer, tiny_config)
     )
     code = main(
         [

@@ -156,12 +156,13 @@ def eval_config(path: str | Path):
     return model_cfg, tokenizer
 
 
-def load_for_eval(path: str | Path, device: str | torch.device = "cpu"):
+def load_for_eval(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer, model_cfg) of a run folder (its latest checkpoint) or one checkpoint folder,
-    ZeRO shards consolidated, in eval mode on `device`."""
+    ZeRO shards consolidated, in eval mode on `device` in `dtype`."""
     from kosmos.checkpoint import CheckpointError, load_model_from_checkpoint
 
     try:
-        return load_model_from_checkpoint(path, device)
+        model, tokenizer, model_cfg = load_model_from_checkpoint(path, device)
     except CheckpointError as error:
         raise ConfigError(f"--checkpoint: {error}") from None
+    return model.to(dtype), tokenizer, model_cfg

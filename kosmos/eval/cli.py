@@ -4,10 +4,9 @@ the two stages of multimodal chain-of-thought on ScienceQA at test time (docs/mm
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from kosmos.cli import positive_int
+from kosmos.cli import FP32_HELP, positive_int
 from kosmos.config import ConfigError
 from kosmos.threads import configure_threads
 
@@ -67,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of demonstration draws and bootstrap")
     parser.add_argument("--device", help="default: cuda (the rank's GPU) when available, else cpu")
+    parser.add_argument("--fp32", action="store_true", help=FP32_HELP)
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument(
         "--retrieval-clip",
@@ -81,13 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from kosmos.config import to_dict
+    from kosmos.distributed import local_device
     from kosmos.eval.backend import ModelBackend, load_for_eval
     from kosmos.eval.cache import checkpoint_identity
     from kosmos.eval.demos import ClipEmbedder
     from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
+    from kosmos.model import inference_dtype
 
     options = EvalOptions(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
@@ -108,10 +108,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--demos {args.demos}: needs --retrieval-weights (a local open_clip checkpoint)")
     if retrieval:
         ClipEmbedder.check(args.retrieval_clip, args.retrieval_weights)
-    device = args.device or (
-        f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    )
-    model, tokenizer, model_cfg = load_for_eval(args.checkpoint, device)
+    device = args.device or local_device()
+    model, tokenizer, model_cfg = load_for_eval(args.checkpoint, device, inference_dtype(device, args.fp32))
     configure_threads()  # once the inputs are known to be good: an error stays one line
     embedder = ClipEmbedder(args.retrieval_clip, args.retrieval_weights, device) if retrieval else None
     results = evaluate(
@@ -162,6 +160,7 @@ def _register_mmcot(subparsers: argparse._SubParsersAction) -> None:
         command.add_argument("--limit", type=positive_int, help="only the first N problems of the split")
         command.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
         command.add_argument("--device", help="default: cuda when available, else cpu")
+        command.add_argument("--fp32", action="store_true", help=FP32_HELP)
         command.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         command.set_defaults(handler=handler)
 
@@ -183,16 +182,16 @@ def _mmcot_problems(args: argparse.Namespace) -> list:
 def _mmcot_backend(args: argparse.Namespace, problems: list, prompt):
     """The model's backend and its checkpoint's identity, once the prompts and --max-new-tokens are
     known to fit the model's positions (checked from its config, before the weights load)."""
-    import torch
-
+    from kosmos.distributed import local_device
     from kosmos.eval.backend import ModelBackend, eval_config, load_for_eval
     from kosmos.eval.cache import checkpoint_identity
     from kosmos.eval.mmcot import check_room
+    from kosmos.model import inference_dtype
 
     model_cfg, tokenizer = eval_config(args.checkpoint)
     check_room(problems, prompt, tokenizer, model_cfg, args.max_new_tokens)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_for_eval(args.checkpoint, device)
+    device = args.device or local_device()
+    model, tokenizer, _ = load_for_eval(args.checkpoint, device, inference_dtype(device, args.fp32))
     configure_threads()
     return ModelBackend(model, tokenizer, args.batch_size, args.compile), checkpoint_identity(
         args.checkpoint, model

@@ -11,7 +11,7 @@ _MODULES = {
         "load_model_config",
     ],
     "kosmos.model.flops": ["attention_pairs", "parameter_counts", "training_flops", "vision_flops_per_image"],
-    "kosmos.model.generation": ["generate", "pad_batch", "sequence_log_likelihood"],
+    "kosmos.model.generation": ["generate", "inference_dtype", "pad_batch", "sequence_log_likelihood"],
     "kosmos.model.kosmos": ["KosmosModel", "KosmosOutput", "KVCache"],
     "kosmos.model.vision": ["VisionWeightsError", "check_vision_weights", "load_vision_weights"],
 }

@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 
-from kosmos.cli import positive_int
+from kosmos.cli import FP32_HELP, positive_int
 from kosmos.threads import configure_threads
 
 
@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     decoding.add_argument("--beams", type=positive_int, metavar="K", help="beam search with K beams")
     gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    gen.add_argument("--fp32", action="store_true", help=FP32_HELP)
     gen.set_defaults(handler=_generate, parts=[])
 
 
@@ -73,7 +74,7 @@ def _generate(args: argparse.Namespace) -> int:
     from kosmos.data import image_transform
     from kosmos.data.decode import decode_image
     from kosmos.data.skips import SkipSample
-    from kosmos.model import generate
+    from kosmos.model import generate, inference_dtype
 
     if not any(kind == "text" for kind, _ in args.parts):
         raise InputError("give a --prompt")
@@ -94,6 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
     # log handler to whatever stdout is at that moment.
     with contextlib.redirect_stdout(sys.stderr):
         model, tokenizer, model_cfg = load_model_from_checkpoint(args.checkpoint, device)
+    model.to(inference_dtype(device, args.fp32))
     configure_threads()  # once the inputs are known to be good: an error stays one line
 
     transform = image_transform(model_cfg.vision.image_size)

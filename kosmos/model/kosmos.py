@@ -99,18 +99,23 @@ class XPos(nn.Module):
 
     def __init__(self, head_dim: int, scale_base: int, centre: int):
         super().__init__()
+        self.head_dim = head_dim
         self.scale_base = scale_base
         self.centre = centre  # q.k depends only on m - n: centring keeps the decay factors near 1
-        dims = torch.arange(0, head_dim, 2, dtype=torch.float32)
-        self.register_buffer("decay", (dims + 0.4 * head_dim) / (1.4 * head_dim), persistent=False)
-        self.register_buffer("inv_freq", 1.0 / (10000 ** (dims / head_dim)), persistent=False)
+
+    def frequencies(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decay, inverse frequency) per pair of dimensions, in fp32 whatever the model's dtype: made
+        here, not kept as buffers, which `model.to(bfloat16)` (and DeepSpeed's bf16 engine) would round."""
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        return (dims + 0.4 * self.head_dim) / (1.4 * self.head_dim), 1.0 / (10000 ** (dims / self.head_dim))
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, is_key: bool) -> torch.Tensor:
         pos = (position_ids.float() - self.centre).unsqueeze(1).unsqueeze(-1)  # [B, 1, T, 1]
-        scale = self.decay ** (pos / self.scale_base)
+        decay, inv_freq = self.frequencies(x.device)
+        scale = decay ** (pos / self.scale_base)
         if is_key:
             scale = 1.0 / scale
-        angles = pos * self.inv_freq
+        angles = pos * inv_freq
         cos = (torch.cos(angles) * scale).repeat_interleave(2, dim=-1)
         sin = (torch.sin(angles) * scale).repeat_interleave(2, dim=-1)
         x_float = x.float()
