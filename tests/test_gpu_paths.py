@@ -76,3 +76,24 @@ def test_xpos_frequencies_stay_fp32_in_a_bf16_model():
     expected = xpos(x, positions, is_key=True)
     xpos.bfloat16()  # what DeepSpeed's bf16 engine and a bf16 evaluation do to the module
     assert torch.equal(xpos(x, positions, is_key=True), expected)
+
+
+def test_evaluation_joins_the_group_on_its_ranks_gpu(monkeypatch):
+    """Rank 1 of two, faked CUDA: its GPU becomes current before NCCL starts (object collectives and
+    tensors made on "cuda" follow the current device, else cuda:0 on every rank)."""
+    import torch.distributed as dist
+
+    from kosmos.eval.harness import init_distributed
+
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    init_distributed()
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
