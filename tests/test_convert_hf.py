@@ -128,6 +128,11 @@ def test_exported_model_loads_cleanly(exported, runs):
     cfg = load_model_config(runs / "model.yaml")
     assert model.config.latent_query_num == cfg.connector.num_queries
     assert not any(p.name.endswith(".partial") for p in exported.parent.iterdir())
+    # Readable by whoever the umask lets read (the test process's is 022 or stricter).
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [exported, *exported.iterdir()]}
+    assert modes == {p: (0o777 if p == exported.name else 0o666) & ~umask for p in modes}, modes
 
 
 def test_logits_agree_with_one_and_several_images(models):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -61,11 +62,23 @@ def _written_atomically(out_dir: Path) -> Iterator[Path]:
     folder.mkdir()
     try:
         yield folder
+        _readable_as_umask_allows(folder)
         if out_dir.exists():
             out_dir.rmdir()
         folder.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """Give `folder` and what it holds the modes a plain `open` or `mkdir` would (0666 / 0777 less the
+    umask): huggingface_hub writes its safetensors files 0600, which colleagues on a shared filesystem
+    could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # ----------------------------------------------------------------------------------------------
