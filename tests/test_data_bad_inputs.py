@@ -150,6 +150,11 @@ def test_inspect_counts_planted_cases(planted, tokenizer, capsys):
     assert report["corpora"]["interleaved"]["dropped_images"] == {"extreme_aspect_ratio": 1}
     assert main(["data", "inspect", str(planted), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == report["skipped"]
+    # The text lists every corpus, then the totals over them.
+    assert main(["data", "inspect", str(planted)]) == 0
+    total = capsys.readouterr().out.split("total", 1)[1]
+    assert f"{report['samples']:,} samples" in total and "extreme_aspect_ratio 1" in total
+    assert all(f"{reason} {n}" in total for reason, n in report["skipped"].items())
 
 
 def test_sixteen_bit_png_keeps_its_gray():

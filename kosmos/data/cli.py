@@ -163,7 +163,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    for name, corpus in report["corpora"].items():
+    for name, corpus in [*report["corpora"].items(), ("total", {**report, "kind": ""})]:
         tokens = "-" if corpus["tokens"] is None else f"{corpus['tokens']:,}"
         print(
             f"{name:>12}  {corpus['kind']:<11} {corpus['samples']:>9,} samples  {tokens:>12} tokens  "

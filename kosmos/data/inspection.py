@@ -76,12 +76,16 @@ def inspect(folder: str | Path, tokenizer: Tokenizer | None = None) -> dict:
     """Totals over the corpora at `folder`, with each corpus under `corpora`."""
     corpora = {name: inspect_corpus(path, tokenizer) for name, path in corpus_folders(Path(folder)).items()}
     skipped: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
     for report in corpora.values():
         skipped.update(report["skipped"])
+        dropped.update(report["dropped_images"])
     return {
+        "shards": sum(r["shards"] for r in corpora.values()),
         "samples": sum(r["samples"] for r in corpora.values()),
         "tokens": sum(r["tokens"] for r in corpora.values()) if tokenizer is not None else None,
         "images": sum(r["images"] for r in corpora.values()),
         "skipped": dict(sorted(skipped.items())),
+        "dropped_images": dict(sorted(dropped.items())),
         "corpora": corpora,
     }
