@@ -1,5 +1,7 @@
-# `make demo` and `make test` work on a fresh clone: each creates .venv (unless a virtualenv is
-# active) and installs the project into it first.
+# `make demo` and `make test` work on a fresh clone: each creates .venv and installs the project into
+# it first. An active virtualenv is used as it is: the project (with its test extras) is installed
+# into it only when it lacks kosmos, and pip is never upgraded there. The tests always run this
+# clone's code (PYTHONPATH), whichever clone the virtualenv's install points at.
 PYTHON ?= python3.11
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ifdef VIRTUAL_ENV
@@ -9,9 +11,14 @@ VENV := .venv
 endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kosmos-installed
+PYTEST := PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 .PHONY: install demo mmcot test unit lint clean
 
+ifdef VIRTUAL_ENV
+install:
+	$(BIN)/python -c "import kosmos, pytest" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[dev]"
+else
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -20,10 +27,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+endif
 
 # The demo: sample corpus (built when sample/ is absent) -> tiny model trained
 # under DeepSpeed on CPU -> evaluated on held-out digits -> exported to `transformers`. Running it
-# again resumes the finished run and re-uses its evaluation.
+# again finds the run trained (at once) and re-uses its evaluation.
 RUN ?= runs/tiny
 demo: install
 	test -d sample || $(BIN)/kosmos data sample --out sample
@@ -66,13 +74,14 @@ mmcot: install
 		--rationales $(MMCOT)/eval/rationales/predictions.jsonl --out $(MMCOT)/eval/answers
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 # The unit half: everything but the multi-process and end-to-end tests (marked `slow`).
 unit: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
-lint: install
+lint:
+	test -x $(BIN)/ruff || $(MAKE) install
 	$(BIN)/ruff check kosmos tests data launch
 
 clean:
