@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 a failure while working (a corpus that can no longer feed training, a run
 of non-finite steps, a run folder in use, an unexpected error); 2 a usage, config or input error (an
 unknown option or key, a missing or unreadable file, an impossible setting); 130 interrupted.
-An expected failure prints one line on stderr; `kosmos --debug ...` prints its traceback too.
+An expected failure prints one line on stderr (one per problem where several were found together);
+`kosmos --debug ...` prints its traceback too.
 """
 
 from __future__ import annotations
@@ -91,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             return EXIT_FAILURE
         kind = "config error" if isinstance(error, ConfigError) else "error"
-        message = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{kind}: {error}"
-        print(f"kosmos {args.command}: {message}", file=sys.stderr)
+        if isinstance(error, KeyboardInterrupt):
+            messages = ["interrupted"]
+        else:  # several problems found together: one line each
+            messages = [f"{kind}: {problem}" for problem in getattr(error, "problems", [error])]
+        for message in messages:
+            print(f"kosmos {args.command}: {message}", file=sys.stderr)
         return code
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pydoc_data.topics
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,13 @@ from kosmos.model import ModelConfig, load_model_config
 from kosmos.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def clone_configs(folder: Path) -> Path:
+    """The repository's `configs/` copied into `folder`, as a clone has it: the paths its recipes name
+    relative to themselves (`../../sample/...`, `../../corpora/...`) are then `folder`'s."""
+    shutil.copytree(REPO / "configs", folder / "configs")
+    return folder / "configs"
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import clone_configs
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def kosmos(*args: str, cwd) -> None:
 def demo(tmp_path_factory):
     """A fresh folder in which the demo's training and evaluation commands have run."""
     workdir = tmp_path_factory.mktemp("demo")
-    config = str(REPO / "configs/train/tiny.yaml")
+    config = str(clone_configs(workdir) / "train/tiny.yaml")
     kosmos("data", "sample", "--out", "sample", cwd=workdir)
     kosmos("train", "--config", config, "--run-dir", "runs/tiny", "logging.progress_bar=false", cwd=workdir)
     kosmos(

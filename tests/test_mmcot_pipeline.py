@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import clone_configs
 
 from kosmos.cli import main
 from kosmos.data.sample import digit_images, split_digits, write_scienceqa_digits
@@ -22,7 +23,6 @@ from kosmos.data.scienceqa import gold_rationale, load_dataset
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
 TEST_PROBLEMS = 28
 
@@ -31,7 +31,7 @@ def train(workdir: Path, stage: str, *overrides: str) -> str:
     """`kosmos train` with the stage's tiny config, run where its relative paths resolve; its output."""
     command = [
         sys.executable, "-m", "kosmos", "train",
-        "--config", str(REPO / f"configs/train/mmcot_{stage}_tiny.yaml"),
+        "--config", str(workdir / f"configs/train/mmcot_{stage}_tiny.yaml"),
         "--run-dir", f"runs/mmcot_tiny/{stage}",
         "model.text.layers=2", "logging.progress_bar=false", "logging.tensorboard=false", *overrides,
     ]  # fmt: skip
@@ -59,6 +59,7 @@ def records(folder: Path) -> list[dict]:
 def workdir(tmp_path_factory, tokenizer) -> Path:
     """The recipe of `make mmcot`, shortened: stage 1 from scratch, stage 2 from stage 1's weights."""
     workdir = tmp_path_factory.mktemp("mmcot")
+    clone_configs(workdir)
     sample = workdir / "sample"
     digits, labels = digit_images()
     write_scienceqa_digits(sample / "scienceqa", digits, labels, split_digits(labels))
@@ -76,7 +77,7 @@ def workdir(tmp_path_factory, tokenizer) -> Path:
         "--out", str(workdir / "eval/rationales"),
     ]) == 0  # fmt: skip
     log = train(workdir, "answer", vocab, "train.init_from=runs/mmcot_tiny/rationale", "train.max_steps=150")
-    assert "initialised the weights from runs/mmcot_tiny/rationale" in log
+    assert f"initialised the weights from {workdir / 'runs/mmcot_tiny/rationale'}" in log
     return workdir
 
 

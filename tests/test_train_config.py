@@ -97,7 +97,7 @@ def test_input_files_are_checked(recipe, tokenizer, tmp_path):
         check_inputs(load_train_config(recipe, [vocab(tokenizer), f"tokenizer={tmp_path}/none.model"]))
     missing = "data.corpora=[{kind: text, path: nowhere, tokens_per_step: 64}]"
     with pytest.raises(
-        ConfigError, match=r"data\.corpora\[0\]\.path: nowhere does not exist.*kosmos data sample"
+        ConfigError, match=r"data\.corpora\[0\]\.path: \S*nowhere does not exist.*kosmos data sample"
     ):
         check_inputs(load_train_config(recipe, [vocab(tokenizer), missing]))
     with pytest.raises(ConfigError, match=r"train\.init_from"):

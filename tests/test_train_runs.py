@@ -532,15 +532,16 @@ def test_a_second_training_on_a_folder_in_use_is_refused(recipe, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert second.returncode == 1
+    assert second.returncode == 2
     assert f"{run_dir} is in use by process {holder.pid} on {socket.gethostname()}" in second.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", ".lock.holder"]  # nothing written
 
 
 def test_a_launch_refused_after_locking_a_new_folder_leaves_nothing(recipe, tmp_path):
     run_dir = tmp_path / "run"
-    result = run(train_command(recipe, run_dir, "data.micro_batch_size=3"))  # found by the loader
-    assert result.returncode == 2 and "data.micro_batch_size" in result.stderr
+    (tmp_path / "empty").mkdir()  # exists, so the checks before locking pass; holds no checkpoint
+    result = run(train_command(recipe, run_dir, f"train.init_from={tmp_path / 'empty'}"))
+    assert result.returncode == 2 and "is neither a run folder" in result.stderr, result.stderr[-2000:]
     assert not run_dir.exists()
 
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kosmos.config import ConfigError
+from kosmos.config import PATH, ConfigError, problems_of, raise_problems
 from kosmos.data import sources
-from kosmos.data.shards import INDEX_FILE, index_location, read_index
+from kosmos.data.shards import INDEX_FILE, CorpusIndex, index_location, read_index
 
 
 def _key(prefix: str, name: str) -> str:
@@ -35,7 +35,7 @@ def _key(prefix: str, name: str) -> str:
 @dataclass
 class CorpusConfig:
     kind: Literal["text", "caption", "interleaved", "instruction"]
-    path: str
+    path: str = field(metadata=PATH)
     tokens_per_step: int
     # Names the corpus in batches (`source`), metrics and loader state; defaults to the kind.
     name: str = ""
@@ -114,7 +114,7 @@ class DataConfig:
     # Remote shards are fetched whole, ahead of need, into a local disk cache of at most `cache_mb`
     # per loader process, under `cache_dir` (default: the system's temporary folder).
     cache_mb: int = 8192
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=PATH)
     # Transient read errors are retried this many times (with backoff); a shard a reader has waited
     # on (its download included) for `read_timeout_s` seconds counts as unreadable.
     read_retries: int = 4
@@ -149,32 +149,106 @@ class DataConfig:
         if not 0 <= self.max_skip_fraction <= 1:
             raise ConfigError(f"{_key(prefix, 'max_skip_fraction')}: must lie in [0, 1]")
 
-    def check_paths(self, prefix: str) -> None:
+    def check_paths(self, prefix: str) -> dict[str, CorpusIndex]:
         """Every corpus's index can be read and holds the kind the config says; its shards lie where
-        this installation can read them (`pipe:` names only with `allow_pipe`)."""
+        this installation can read them (`pipe:` names only with `allow_pipe`); the validation
+        corpora's too. Returns the training corpora's indexes by name; the problems of every corpus are
+        raised together."""
+        indexes, problems = {}, []
+        for key, corpus in self.listed_corpora(prefix):
+            try:
+                index = self.check_corpus(corpus, key, prefix)
+            except ConfigError as error:
+                problems += problems_of(error)
+                continue
+            if corpus in self.corpora:
+                indexes[corpus.name] = index
+        raise_problems(problems)
+        return indexes
+
+    def listed_corpora(self, prefix: str) -> list[tuple[str, CorpusConfig]]:
+        """(dotted key, corpus) of the training corpora, then the validation corpora."""
         listed = [(f"{_key(prefix, 'corpora')}[{i}]", c) for i, c in enumerate(self.corpora)]
-        listed += [
+        return listed + [
             (f"{_key(prefix, 'validation.corpora')}[{i}]", c) for i, c in enumerate(self.validation.corpora)
         ]
-        for key, corpus in listed:
-            shown = sources.redact(corpus.path)
-            _check_protocol(corpus.path, f"{key}.path")
-            if not sources.exists(index_location(corpus.path)):
-                raise ConfigError(f"{key}.path: {shown} does not exist or has no index ({INDEX_FILE})")
-            index = read_index(corpus.path)
-            if index.kind != corpus.kind:
-                raise ConfigError(f"{key}.kind: {corpus.kind}, but {shown} holds a {index.kind} corpus")
-            if index.num_samples == 0:
-                raise ConfigError(f"{key}.path: {shown} holds no samples")
-            locations = [index.base] + [s.name for s in index.shards if sources.is_url(s.name)]
-            pipes = [s.name for s in index.shards if sources.is_pipe(s.name)]
-            for location in {sources.protocol(loc): loc for loc in locations}.values():
-                _check_protocol(location, f"{key}.path")
-            if pipes and not self.allow_pipe:
-                raise ConfigError(
-                    f"{_key(prefix, 'allow_pipe')}: {shown} names {len(pipes)} shards as pipe: commands "
-                    f"(e.g. {sources.redact(pipes[0])}), which run shell commands; set it to true to allow"
-                )
+
+    def check_corpus(self, corpus: CorpusConfig, key: str, prefix: str) -> CorpusIndex:
+        """`check_paths` of one corpus (named `key` in messages): its index."""
+        shown = sources.redact(corpus.path)
+        _check_protocol(corpus.path, f"{key}.path")
+        if not sources.exists(index_location(corpus.path)):
+            raise ConfigError(f"{key}.path: {shown} does not exist or has no index ({INDEX_FILE})")
+        index = read_index(corpus.path)
+        if index.kind != corpus.kind:
+            raise ConfigError(f"{key}.kind: {corpus.kind}, but {shown} holds a {index.kind} corpus")
+        if index.num_samples == 0:
+            raise ConfigError(f"{key}.path: {shown} holds no samples")
+        locations = [index.base] + [s.name for s in index.shards if sources.is_url(s.name)]
+        pipes = [s.name for s in index.shards if sources.is_pipe(s.name)]
+        for location in {sources.protocol(loc): loc for loc in locations}.values():
+            _check_protocol(location, f"{key}.path")
+        if pipes and not self.allow_pipe:
+            raise ConfigError(
+                f"{_key(prefix, 'allow_pipe')}: {shown} names {len(pipes)} shards as pipe: commands "
+                f"(e.g. {sources.redact(pipes[0])}), which run shell commands; set it to true to allow"
+            )
+        return index
+
+
+def rows_per_step(
+    cfg: DataConfig,
+    indexes: dict[str, CorpusIndex],
+    world_size: int,
+    num_image_tokens: int,
+    virtual_streams: int,
+) -> dict[str, int]:
+    """Rows each rank packs per step for each corpus; checks that the step layout works out (every
+    problem together). A corpus missing from `indexes` (its index unreadable) has its sample count
+    left unchecked."""
+    if cfg.seq_len < num_image_tokens + 4:
+        raise ConfigError(
+            f"data.seq_len: {cfg.seq_len} cannot hold an image ({num_image_tokens} slots + markers)"
+        )
+    row_tokens = cfg.seq_len * world_size
+    rows, problems = {}, []
+    for i, corpus in enumerate(cfg.corpora):
+        key = f"data.corpora[{i}]"
+        if corpus.tokens_per_step % row_tokens:
+            lower = corpus.tokens_per_step // row_tokens * row_tokens
+            problems.append(
+                f"{key}.tokens_per_step: {corpus.tokens_per_step} is not a multiple of seq_len x world size "
+                f"= {cfg.seq_len} x {world_size}; use e.g. "
+                + (f"{lower} or {lower + row_tokens}" if lower else f"{row_tokens}")
+            )
+        index = indexes.get(corpus.name)
+        if index is not None and index.num_samples < virtual_streams:
+            problems.append(
+                f"{key}.path: {sources.redact(corpus.path)} has {index.num_samples} samples, "
+                f"fewer than the {virtual_streams} streams reading it (world size {world_size} x "
+                f"{max(1, cfg.num_workers)} workers, or data.virtual_streams)"
+            )
+        rows[corpus.name] = corpus.tokens_per_step // row_tokens
+    total = sum(rows.values())
+    if not problems and total % cfg.micro_batch_size:
+        layout = ", ".join(f"{name} {n}" for name, n in rows.items())
+        divisors = [d for d in range(1, total + 1) if total % d == 0]
+        problems.append(
+            f"data.micro_batch_size: a step holds {total} rows per rank ({layout}), which micro-batches of "
+            f"{cfg.micro_batch_size} rows do not divide; use one of {divisors}"
+        )
+    raise_problems(problems)
+    return rows
+
+
+def check_streams(virtual: int, world_size: int, num_workers: int) -> None:
+    """A physical stream (one rank's loader worker) serves one or more virtual streams, never part of one."""
+    if world_size * num_workers > virtual:
+        raise ConfigError(
+            f"data.virtual_streams: {virtual} virtual streams can feed at most {virtual} physical streams "
+            f"(ranks x workers), not {world_size} x {num_workers} = {world_size * num_workers}; "
+            f"use fewer ranks or workers"
+        )
 
 
 def _check_protocol(location: str, key: str) -> None:

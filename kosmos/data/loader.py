@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kosmos.config import ConfigError
 from kosmos.data import sources
-from kosmos.data.config import CorpusConfig, DataConfig
+from kosmos.data.config import CorpusConfig, DataConfig, check_streams, rows_per_step
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
@@ -48,47 +48,6 @@ STATE_VERSION = 2
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
 
 
-def rows_per_step(
-    cfg: DataConfig,
-    indexes: dict[str, CorpusIndex],
-    world_size: int,
-    num_image_tokens: int,
-    virtual_streams: int,
-) -> dict[str, int]:
-    """Rows each rank packs per step for each corpus; checks that the step layout works out."""
-    if cfg.seq_len < num_image_tokens + 4:
-        raise ConfigError(
-            f"data.seq_len: {cfg.seq_len} cannot hold an image ({num_image_tokens} slots + markers)"
-        )
-    row_tokens = cfg.seq_len * world_size
-    rows = {}
-    for i, corpus in enumerate(cfg.corpora):
-        key = f"data.corpora[{i}]"
-        if corpus.tokens_per_step % row_tokens:
-            lower = corpus.tokens_per_step // row_tokens * row_tokens
-            raise ConfigError(
-                f"{key}.tokens_per_step: {corpus.tokens_per_step} is not a multiple of seq_len x world size "
-                f"= {cfg.seq_len} x {world_size}; use e.g. "
-                + (f"{lower} or {lower + row_tokens}" if lower else f"{row_tokens}")
-            )
-        if indexes[corpus.name].num_samples < virtual_streams:
-            raise ConfigError(
-                f"{key}.path: {sources.redact(corpus.path)} has {indexes[corpus.name].num_samples} samples, "
-                f"fewer than the {virtual_streams} streams reading it (world size {world_size} x "
-                f"{max(1, cfg.num_workers)} workers, or data.virtual_streams)"
-            )
-        rows[corpus.name] = corpus.tokens_per_step // row_tokens
-    total = sum(rows.values())
-    if total % cfg.micro_batch_size:
-        layout = ", ".join(f"{name} {n}" for name, n in rows.items())
-        divisors = [d for d in range(1, total + 1) if total % d == 0]
-        raise ConfigError(
-            f"data.micro_batch_size: a step holds {total} rows per rank ({layout}), which micro-batches of "
-            f"{cfg.micro_batch_size} rows do not divide; use one of {divisors}"
-        )
-    return rows
-
-
 def read_options(cfg: DataConfig) -> sources.ReadOptions:
     return sources.ReadOptions(
         allow_pipe=cfg.allow_pipe,
@@ -97,16 +56,6 @@ def read_options(cfg: DataConfig) -> sources.ReadOptions:
         cache_bytes=cfg.cache_mb << 20,
         cache_dir=cfg.cache_dir,
     )
-
-
-def check_streams(virtual: int, world_size: int, num_workers: int) -> None:
-    """A physical stream (one rank's loader worker) serves one or more virtual streams, never part of one."""
-    if world_size * num_workers > virtual:
-        raise ConfigError(
-            f"data.virtual_streams: {virtual} virtual streams can feed at most {virtual} physical streams "
-            f"(ranks x workers), not {world_size} x {num_workers} = {world_size * num_workers}; "
-            f"use fewer ranks or workers"
-        )
 
 
 @contextlib.contextmanager

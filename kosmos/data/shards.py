@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Self
 
-import webdataset
-from webdataset.tariterators import base_plus_ext
-
 from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.skips import Counts, Reason, SkipSample, saved
@@ -123,7 +120,7 @@ class CorpusWriter:
         self.max_shard_bytes = max_shard_bytes
         self.shards: list[ShardInfo] = []
         self.skipped: Counts = Counter()
-        self._tar: webdataset.TarWriter | None = None
+        self._tar = None  # the webdataset.TarWriter of the shard being written
         self.index: CorpusIndex | None = None
         self._bytes = 0
         self._count = 0
@@ -145,6 +142,8 @@ class CorpusWriter:
     def _next_shard(self) -> None:
         if self._tar is not None:
             self._tar.close()
+        import webdataset  # imported when needed: it imports torch, which index reads do without
+
         name = f"shard-{len(self.shards):06d}.tar"
         self._tar = webdataset.TarWriter(str(self.folder / name), encoder=False, mtime=0)
         self.shards.append(ShardInfo(name, 0))
@@ -196,10 +195,18 @@ def decompressed(file: BinaryIO, name: str) -> BinaryIO:
     return file
 
 
+def _key_and_suffix(name: str) -> tuple[str | None, str | None]:
+    """A member's sample key and suffix, split as webdataset splits them (imported when first needed:
+    it imports torch, which reading an index does without)."""
+    from webdataset.tariterators import base_plus_ext
+
+    return base_plus_ext(name)
+
+
 def _is_sample_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
     if not member.isreg():
         return None
-    key, suffix = base_plus_ext(member.name)
+    key, suffix = _key_and_suffix(member.name)
     if key is None or member.name.rsplit("/", 1)[-1].startswith(("__", ".")):
         return None
     return key, suffix.lower()
@@ -264,7 +271,7 @@ class ShardReader:
     def _add(self, member: tarfile.TarInfo) -> None:
         if not member.isreg():
             return
-        key, suffix = base_plus_ext(member.name)
+        key, suffix = _key_and_suffix(member.name)
         if key is None or member.name.rsplit("/", 1)[-1].startswith(("__", ".")):
             return
         if not self._samples or self._samples[-1][0] != key:

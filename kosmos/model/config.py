@@ -47,7 +47,7 @@ class VisionConfig:
     # The last `trainable_blocks` transformer blocks train; everything else in the tower is frozen.
     trainable_blocks: int = 1
     # Local file with the tower's weights (open_clip / OpenAI CLIP checkpoint); none = random init.
-    weights: str | None = None
+    weights: str | None = field(default=None, metadata=config_io.PATH)
 
     def validate(self, prefix: str) -> None:
         if self.image_size % self.patch_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from kosmos.threads import configure_threads
@@ -59,10 +60,36 @@ def _train(args: argparse.Namespace) -> int:
         from kosmos.config import ConfigError
 
         raise ConfigError(f"{', '.join(given)}: only with --dry-run (a training plans nothing)")
-    from kosmos.train.config import load_train_config
+    from kosmos.train.run_folder import trained_steps
+
+    cfg, run_dir = _checked_launch(args)
+    steps = trained_steps(run_dir)
+    if steps is not None and steps >= cfg.train.max_steps:
+        print(
+            f"{run_dir} is trained: its latest checkpoint is at step {steps}, train.max_steps is "
+            f"{cfg.train.max_steps}; raise train.max_steps to train on"
+        )
+        return 0
     from kosmos.train.trainer import train
 
-    cfg = load_train_config(args.config, args.overrides)
     configure_threads(cfg.data.num_workers, cfg.train.threads)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     return train(cfg, run_dir, args.allow_config_change)
+
+
+def _checked_launch(args: argparse.Namespace):
+    """The config and run folder of a launch, after every check that needs no model (config, inputs,
+    step layout, the run folder's lock and a resume's changes), made before torch and DeepSpeed are
+    imported; their problems are raised all together."""
+    from kosmos import config as config_io
+    from kosmos.train.config import TrainConfig, input_problems
+    from kosmos.train.run_folder import launch_problems
+
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    cfg, problems = config_io.load_collecting(TrainConfig, args.config, args.overrides)
+    if cfg is not None:
+        problems += input_problems(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        # Rank 0 checks the folder: the other ranks would find it holding the lock already.
+        if int(os.environ.get("RANK", "0")) == 0:
+            problems += launch_problems(run_dir, cfg, args.allow_config_change)
+    config_io.raise_problems(problems)
+    return cfg, run_dir

@@ -12,7 +12,9 @@ logging: {tensorboard, wandb_project, progress_bar, peak_tflops}
 ```
 
 `load_train_config` checks keys, types and values; `check_inputs` then checks the files the config
-names (tokenizer, corpora). Both run before any compute, and every error names its dotted key.
+names (tokenizer, corpora). Both run before any compute, every error names its dotted key, and each
+reports all the problems it finds at once. A relative path in the file is relative to the file (see
+`kosmos.config.PATH`); loading makes every path absolute.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class LoopConfig:
     max_nonfinite_steps: int = 5
     # Start from the weights of a run folder or checkpoint (fine-tuning); optimizer, schedule and
     # data position start fresh. Ignored once the run has checkpoints of its own (it resumes).
-    init_from: str | None = None
+    init_from: str | None = field(default=None, metadata=config_io.PATH)
     # torch.compile each decoder layer (fuses its element-wise work; compiled once, on the first step).
     compile: bool = False
     # Intra-op threads of each training process (default: its cores less one per loader worker;
@@ -128,7 +130,7 @@ class LoggingConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig
-    tokenizer: str
+    tokenizer: str = field(metadata=config_io.PATH)
     data: DataConfig
     train: LoopConfig = field(default_factory=LoopConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -148,32 +150,75 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     return config_io.load(TrainConfig, path, overrides)
 
 
-MISSING_INPUT_HINT = (
-    "build corpora with `kosmos data build`, or the sample corpus and its tokenizer with "
-    "`kosmos data sample --out DIR`"
+MISSING_CORPUS_HINT = (
+    "build a corpus with `kosmos data build`, index shards where they lie with `kosmos data index`, or "
+    "make the sample corpus with `kosmos data sample --out DIR`"
+)
+MISSING_TOKENIZER_HINT = (
+    "train one on the corpora with `kosmos tokenizer train --corpus DIR... --vocab-size N --out FILE`, "
+    "or use the sample corpus's (`kosmos data sample --out DIR` writes DIR/tokenizer.model)"
 )
 
 
-def check_inputs(cfg: TrainConfig) -> None:
-    """Check the files the config names: the tokenizer fits the model, the corpora exist."""
+def check_inputs(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """`input_problems`, raised together (ConfigError) if there are any."""
+    config_io.raise_problems(input_problems(cfg, world_size))
+
+
+def input_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]:
+    """Every problem of what the config names, one line each: the tokenizer fits the model, the
+    corpora exist and hold what they should, `train.init_from` exists, the packages the logging needs
+    are installed; with `world_size`, the step layout on that many ranks too. Needs no torch."""
+    import importlib.util
+
     from kosmos.data import sources
+    from kosmos.data.config import check_streams, rows_per_step
     from kosmos.tokenizer import Tokenizer, TokenizerError
 
+    problems = []
     if not Path(cfg.tokenizer).exists():
-        raise ConfigError(f"tokenizer: {cfg.tokenizer} does not exist; {MISSING_INPUT_HINT}")
-    for i, corpus in enumerate(cfg.data.corpora):
-        # A remote corpus is checked with the others by `check_paths` below.
+        problems.append(f"tokenizer: {cfg.tokenizer} does not exist; {MISSING_TOKENIZER_HINT}")
+    else:
+        try:
+            vocab_size = Tokenizer(cfg.tokenizer).vocab_size
+        except TokenizerError as error:
+            problems.append(f"tokenizer: {error}")
+        else:
+            if vocab_size != cfg.model.text.vocab_size:
+                problems.append(
+                    f"model.text.vocab_size: {cfg.model.text.vocab_size} does not match the tokenizer "
+                    f"{cfg.tokenizer} ({vocab_size} ids)"
+                )
+    indexes = {}
+    for key, corpus in cfg.data.listed_corpora("data"):
         if sources.is_local(corpus.path) and not Path(sources.local_path(corpus.path)).exists():
-            raise ConfigError(f"data.corpora[{i}].path: {corpus.path} does not exist; {MISSING_INPUT_HINT}")
-    try:
-        tokenizer = Tokenizer(cfg.tokenizer)
-    except TokenizerError as error:
-        raise ConfigError(f"tokenizer: {error}") from None
-    if tokenizer.vocab_size != cfg.model.text.vocab_size:
-        raise ConfigError(
-            f"model.text.vocab_size: {cfg.model.text.vocab_size} does not match the tokenizer "
-            f"{cfg.tokenizer} ({tokenizer.vocab_size} ids)"
-        )
+            problems.append(f"{key}.path: {corpus.path} does not exist; {MISSING_CORPUS_HINT}")
+            continue
+        try:
+            index = cfg.data.check_corpus(corpus, key, "data")
+        except ConfigError as error:
+            problems += config_io.problems_of(error)
+            continue
+        if corpus in cfg.data.corpora:
+            indexes[corpus.name] = index
+    if world_size is not None:
+        workers = max(1, cfg.data.num_workers)
+        try:
+            check_streams(cfg.data.virtual_streams or world_size * workers, world_size, workers)
+            rows_per_step(
+                cfg.data,
+                indexes,
+                world_size,
+                cfg.model.connector.num_queries,
+                cfg.data.virtual_streams or world_size * workers,
+            )
+        except ConfigError as error:
+            problems += config_io.problems_of(error)
     if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} does not exist")
-    cfg.data.check_paths("data")
+        problems.append(f"train.init_from: {cfg.train.init_from} does not exist")
+    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            "logging.wandb_project: logging to Weights & Biases needs the wandb package, which is not "
+            'installed (pip install wandb, or pip install -e ".[wandb]" from the clone)'
+        )
+    return problems

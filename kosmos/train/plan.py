@@ -30,7 +30,7 @@ import sys
 
 from kosmos.config import ConfigError
 from kosmos.model import ModelConfig
-from kosmos.train.config import TrainConfig, check_inputs
+from kosmos.train.config import TrainConfig, input_problems
 
 GB = 2**30
 # Left for the CUDA context, the allocator's fragmentation and DeepSpeed's communication buckets,
@@ -96,26 +96,27 @@ def probe_corpora(cfg: TrainConfig, indexes: dict, tokenizer, documents: int) ->
 
 
 def validate(cfg: TrainConfig, world_size: int, documents: int) -> dict:
-    """Every check a launch on `world_size` ranks would make before training; ConfigError if not."""
-    from kosmos.data.loader import check_streams, rows_per_step
+    """Every check a launch on `world_size` ranks would make before training; ConfigError if not,
+    naming every problem found."""
+    from kosmos import config as config_io
+    from kosmos.data.config import rows_per_step
     from kosmos.data.shards import read_index
     from kosmos.model import VisionWeightsError, check_vision_weights
     from kosmos.tokenizer import Tokenizer
 
-    check_inputs(cfg)
-    tokenizer = Tokenizer(cfg.tokenizer)
-    indexes = {corpus.name: read_index(corpus.path) for corpus in cfg.data.corpora}
-    workers = max(1, cfg.data.num_workers)
-    virtual = cfg.data.virtual_streams or world_size * workers
-    check_streams(virtual, world_size, workers)
-    rows = rows_per_step(cfg.data, indexes, world_size, cfg.model.connector.num_queries, virtual)
+    problems = input_problems(cfg, world_size)
     vision = cfg.model.vision
     tensors = None
     if vision.weights is not None:
         try:
             tensors = check_vision_weights(vision)
         except VisionWeightsError as error:
-            raise ConfigError(f"model.vision.weights: {error}") from None
+            problems.append(f"model.vision.weights: {error}")
+    config_io.raise_problems(problems)
+    tokenizer = Tokenizer(cfg.tokenizer)
+    indexes = {corpus.name: read_index(corpus.path) for corpus in cfg.data.corpora}
+    virtual = cfg.data.virtual_streams or world_size * max(1, cfg.data.num_workers)
+    rows = rows_per_step(cfg.data, indexes, world_size, cfg.model.connector.num_queries, virtual)
     return {
         "tokenizer": {"path": cfg.tokenizer, "pieces": tokenizer.num_pieces, "vocab_size": tokenizer.vocab_size},
         "vision_weights": {"path": vision.weights, "tensors": tensors},
@@ -330,26 +331,37 @@ def format_plan(report: dict) -> str:
 
 
 def dry_run(args) -> int:
-    """`kosmos train --dry-run`: validate and print the plan (exit 0), or raise ConfigError (exit 2)."""
+    """`kosmos train --dry-run`: validate and print the plan (exit 0), or raise ConfigError (exit 2).
+
+    The options, the config's keys and the files it names are checked before torch is imported, and
+    all their problems are reported together."""
     import json
+
+    from kosmos import config as config_io
+
+    problems = []
+    for name in ("gpus", "gpus_per_node", "probe_documents"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')}: must be at least 1")
+    for name in ("gpu_memory", "peak_tflops"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')}: must be positive")
+    mfu = args.mfu or [0.4, 0.55]
+    if not all(0 < value <= 1 for value in mfu):
+        problems.append("--mfu: must be in (0, 1]")
+    cfg, config_problems = config_io.load_collecting(TrainConfig, args.config, args.overrides)
+    problems += config_problems
+    gpus = args.gpus or (int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)
+    if cfg is not None and gpus is not None and gpus >= 1:
+        problems += input_problems(cfg, gpus)  # again in `plan`, with the vision weights (cheap)
+    config_io.raise_problems(problems)
 
     import torch
 
-    from kosmos.train.config import load_train_config
     from kosmos.train.metrics import PEAK_BF16_TFLOPS, peak_flops
 
-    for name in ("gpus", "gpus_per_node", "probe_documents"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
-    for name in ("gpu_memory", "peak_tflops"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be positive")
-    mfu = args.mfu or [0.4, 0.55]
-    if not all(0 < value <= 1 for value in mfu):
-        raise ConfigError("--mfu: must be in (0, 1]")
-    cfg = load_train_config(args.config, args.overrides)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", max(1, torch.cuda.device_count())))
+    gpus = gpus or max(1, torch.cuda.device_count())
     memory = args.gpu_memory
     if memory is None:
         memory = torch.cuda.get_device_properties(device).total_memory / GB if device.type == "cuda" else 80.0

@@ -28,7 +28,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from kosmos import config as config_io
-from kosmos.config import ConfigError
+from kosmos.config import ConfigError, InputError, problems_of
 from kosmos.model import ModelConfig
 from kosmos.train.config import TrainConfig
 from kosmos.train.resume_keys import FREE_ON_RESUME, free_keys_listed
@@ -52,7 +52,7 @@ PACKAGES = (
 )
 
 
-class RunFolderBusy(RuntimeError):
+class RunFolderBusy(InputError):
     """Another process is training into the run folder."""
 
 
@@ -69,12 +69,26 @@ class RunLock:
         try:
             self.lock.acquire()
         except Timeout:
-            raise RunFolderBusy(
-                f"{self.run_dir} is in use by {self._holder()}; one training at a time writes a run folder "
-                f"(wait for it to end, stop it, or choose another --run-dir)"
-            ) from None
+            raise RunFolderBusy(self._busy_message()) from None
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
         (self.run_dir / LOCK_HOLDER).write_text(json.dumps(holder) + "\n")
+
+    def busy_problem(self) -> str | None:
+        """The refusal a launch on the folder would meet now, if another process holds it; takes nothing."""
+        if not (self.run_dir / LOCK).exists():
+            return None
+        try:
+            self.lock.acquire()
+        except Timeout:
+            return self._busy_message()
+        self.lock.release()
+        return None
+
+    def _busy_message(self) -> str:
+        return (
+            f"{self.run_dir} is in use by {self._holder()}; one training at a time writes a run folder "
+            f"(wait for it to end, stop it, or choose another --run-dir)"
+        )
 
     def _holder(self) -> str:
         try:
@@ -146,7 +160,8 @@ def resume_changes(run_dir: Path, cfg: TrainConfig, allowed: list[str]) -> list[
     A key only one of the two configs has (they were written by different versions of kosmos) is
     recorded, never refused.
     """
-    new = config_io.to_dict(cfg)
+    # Paths compared as the absolute paths they name (a config built in code may hold relative ones).
+    new = config_io.resolve_paths(TrainConfig, config_io.to_dict(cfg), Path.cwd())
     keys = flatten(new)
     for pattern in allowed:
         if not any(_covers(pattern, key) for key in keys):
@@ -154,6 +169,9 @@ def resume_changes(run_dir: Path, cfg: TrainConfig, allowed: list[str]) -> list[
     old = read_run_config(run_dir)
     if old is None:
         return []
+    launches = read_history(run_dir)
+    # A folder written before configs held absolute paths has them relative to its launch's folder.
+    config_io.resolve_paths(TrainConfig, old, Path(launches[-1]["cwd"]) if launches else Path.cwd())
     changes = config_changes(old, new)
     refused = [
         c
@@ -197,6 +215,28 @@ def _check_same_parameters(old: ModelConfig, new: ModelConfig, run_dir: Path) ->
             f"differ: {listed}{', ...' if len(differ) > 3 else ''}); they cannot be resumed with this model. "
             f"Train into a new --run-dir instead"
         )
+
+
+def trained_steps(run_dir: Path) -> int | None:
+    """The step of the run's latest checkpoint (its tag in `checkpoints/latest`, `step_N`), if any."""
+    latest = run_dir / "checkpoints" / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    return int(tag.removeprefix("step_")) if tag.removeprefix("step_").isdigit() else None
+
+
+def launch_problems(run_dir: Path, cfg: TrainConfig, allowed: list[str]) -> list[str]:
+    """What would refuse a launch on `run_dir` with `cfg`, found without a model: the folder in use
+    by another process, a resume changing keys it may not change."""
+    problems = []
+    busy = RunLock(run_dir).busy_problem()
+    if busy is not None:
+        problems.append(busy)
+    if trained_steps(run_dir) is not None:
+        try:
+            resume_changes(run_dir, cfg, allowed)
+        except ConfigError as error:
+            problems += problems_of(error)
+    return problems
 
 
 # -- the history of launches ---------------------------------------------------------------------
