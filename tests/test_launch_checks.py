@@ -23,9 +23,10 @@ from kosmos.train.run_folder import CONFIG, HISTORY, resume_changes
 TRAIN = textwrap.dedent(
     """
     import json, sys
+    sys.modules["wandb"] = None  # as where it is not installed
     from kosmos.cli import main
     code = main(["train", *sys.argv[1:]])
-    heavy = sorted(m for m in ("torch", "deepspeed", "open_clip", "transformers") if m in sys.modules)
+    heavy = sorted(m for m in ("torch", "deepspeed", "open_clip", "transformers") if sys.modules.get(m))
     print(json.dumps({"code": code, "imported": heavy}))
     """
 )

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import clone_configs
+from conftest import REPO, clone_configs
 
 from kosmos.cli import main
 from kosmos.data.sample import digit_images, split_digits, write_scienceqa_digits

@@ -103,6 +103,7 @@ def test_kosmos_train_leaves_a_core_to_each_loader_worker(monkeypatch, tmp_path)
     """The command's wiring: the config's loader workers and `train.threads` reach the choice."""
     seen = []
     monkeypatch.setattr("kosmos.train.trainer.train", lambda *args: seen.append(torch.get_num_threads()) or 0)
+    monkeypatch.setattr("kosmos.train.config.input_problems", lambda *args, **kwargs: [])  # no sample/ needed
     config = str(REPO / "configs/train/tiny.yaml")
     with affinity(2):
         for workers, setting, expected in ((0, "null", 2), (1, "null", 1), (1, "2", 2)):

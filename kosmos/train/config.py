@@ -19,6 +19,7 @@ reports all the problems it finds at once. A relative path in the file is relati
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -169,8 +170,6 @@ def input_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]
     """Every problem of what the config names, one line each: the tokenizer fits the model, the
     corpora exist and hold what they should, `train.init_from` exists, the packages the logging needs
     are installed; with `world_size`, the step layout on that many ranks too. Needs no torch."""
-    import importlib.util
-
     from kosmos.data import sources
     from kosmos.data.config import check_streams, rows_per_step
     from kosmos.tokenizer import Tokenizer, TokenizerError
@@ -216,9 +215,17 @@ def input_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]
             problems += config_io.problems_of(error)
     if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
         problems.append(f"train.init_from: {cfg.train.init_from} does not exist")
-    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+    if cfg.logging.wandb_project and not _importable("wandb"):
         problems.append(
             "logging.wandb_project: logging to Weights & Biases needs the wandb package, which is not "
             'installed (pip install wandb, or pip install -e ".[wandb]" from the clone)'
         )
     return problems
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
