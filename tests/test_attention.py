@@ -21,10 +21,10 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 def _logits_and_grads(model, batch):
     model.zero_grad()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = dataclasses.replace(batch, labels=None).inputs()
     logits = model(**inputs).logits
-    real = batch["segment_ids"] > 0
-    loss = model(**batch).loss
+    real = batch.segment_ids > 0
+    loss = model(**batch.inputs()).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits[real].detach(), loss.detach(), grads
@@ -38,10 +38,10 @@ def _twin(model, backend):
 
 def test_packed_batch_has_many_documents_padding_and_images(tiny_config):
     batch = synthetic_packed_batch(tiny_config, rows=3, seq_len=200)
-    segments = batch["segment_ids"]
+    segments = batch.segment_ids
     assert (segments.max(1).values >= 4).all()
-    assert (segments == 0).any() and batch["image_mask"].any()
-    assert int(batch["image_mask"].sum()) == len(batch["images"]) * tiny_config.connector.num_queries
+    assert (segments == 0).any() and batch.image_mask.any()
+    assert int(batch.image_mask.sum()) == len(batch.images) * tiny_config.connector.num_queries
 
 
 def test_packed_batches_of_any_seed_hold_only_documents_that_can_be_made(tiny_config):
@@ -67,20 +67,20 @@ def test_documents_backend_on_rows_of_one_document_each(tiny_config):
     reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).eval()
     documents = _twin(reference, "documents")
     batch = synthetic_batch(tiny_config, rows=2, seq_len=64, images_per_row=1)
-    assert DocumentBuckets(batch["segment_ids"]).whole_rows
+    assert DocumentBuckets(batch.segment_ids).whole_rows
     with torch.no_grad():
-        torch.testing.assert_close(documents(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(documents(**batch.inputs()).logits, reference(**batch.inputs()).logits, atol=1e-5, rtol=1e-4)
 
 
 def test_documents_backend_trains_with_attention_dropout(tiny_config):
     text = dataclasses.replace(tiny_config.text, attention_dropout=0.5, layers=1)
     model = KosmosModel(dataclasses.replace(tiny_config, text=text, attention="documents")).train()
     batch = synthetic_packed_batch(model.cfg, rows=2, seq_len=120)
-    losses = [model(**batch).loss for _ in range(2)]
+    losses = [model(**batch.inputs()).loss for _ in range(2)]
     losses[0].backward()
     assert torch.isfinite(losses[0]) and losses[0] != losses[1]  # a fresh dropout mask each forward
     with torch.no_grad():
-        assert model.eval()(**batch).loss == model(**batch).loss  # none in evaluation
+        assert model.eval()(**batch.inputs()).loss == model(**batch.inputs()).loss  # none in evaluation
 
 
 def test_document_buckets_group_similar_lengths():
@@ -97,13 +97,13 @@ def test_flex_backend_forward_matches_the_dense_mask_on_cpu(tiny_config):
     reference = KosmosModel(dataclasses.replace(cfg, attention="sdpa")).eval()
     flex = _twin(reference, "flex")
     batch = synthetic_packed_batch(cfg, rows=2, seq_len=160)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    real = batch["segment_ids"] > 0
+    inputs = dataclasses.replace(batch, labels=None).inputs()
+    real = batch.segment_ids > 0
     with torch.no_grad():
         logits, ref_logits = flex(**inputs).logits[real], reference(**inputs).logits[real]
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="model.attention: flex trains only on CUDA"):
-        flex.train()(**batch)
+        flex.train()(**batch.inputs())
 
 
 def test_auto_picks_per_device_dtype_and_pass(monkeypatch):
@@ -273,8 +273,8 @@ def test_cuda_backends_train_like_the_dense_mask_in_bf16(tiny_config, backend):
         pytest.importorskip("flash_attn")
     reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).cuda().bfloat16().train()
     other = _twin(reference, backend).cuda().bfloat16()
-    batch = {k: v.cuda() for k, v in synthetic_packed_batch(tiny_config, rows=3, seq_len=256).items()}
-    batch["images"] = batch["images"].bfloat16()
+    batch = synthetic_packed_batch(tiny_config, rows=3, seq_len=256).to(CUDA)
+    batch.images = batch.images.bfloat16()
     logits, loss, grads = _logits_and_grads(other, batch)
     ref_logits, ref_loss, ref_grads = _logits_and_grads(reference, batch)
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=5e-2, rtol=5e-2)
@@ -295,9 +295,9 @@ def test_padded_documents_give_the_packed_loss(tiny_config):
     documents = split_documents(batch, tiny_config.connector.num_queries)
     padded = padded_batches(documents, budget=300)
     assert len(padded) > 1 and all(b["input_ids"].numel() <= 300 for b in padded)
-    assert sum(len(b["input_ids"]) for b in padded) == int(batch["segment_ids"].max(1).values.sum())
+    assert sum(len(b["input_ids"]) for b in padded) == int(batch.segment_ids.max(1).values.sum())
     theirs = sum(theirs_micro_step(twin, b) for b in padded)
-    torch.testing.assert_close(theirs, model(**batch).token_loss.sum(), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(theirs, model(**batch.inputs()).token_loss.sum(), atol=1e-3, rtol=1e-5)
 
 
 def test_gpu_benchmark_checks_backends_and_skips_without_cuda(tiny_config, capsys):

@@ -114,9 +114,9 @@ def _prompts(tokenizer, q):
 
 def _hf_inputs(batch):
     return {
-        "input_ids": batch["input_ids"],
-        "attention_mask": (batch["segment_ids"] > 0).long(),
-        "image_embeds_position_mask": batch["image_mask"].long(),
+        "input_ids": batch.input_ids,
+        "attention_mask": (batch.segment_ids > 0).long(),
+        "image_embeds_position_mask": batch.image_mask.long(),
     }
 
 
@@ -144,11 +144,11 @@ def test_logits_agree_with_one_and_several_images(models):
         (prompts[1:2], images[1:]),
         (prompts, images),
     ]:
-        batch = pad_batch(batch_prompts, "left")
+        batch = pad_batch(batch_prompts, "left", images=batch_images)
         with torch.no_grad():
-            expected = ours(**batch, images=batch_images).logits
+            expected = ours(**batch.inputs()).logits
             actual = theirs(pixel_values=batch_images, **_hf_inputs(batch)).logits
-        real = batch["segment_ids"] > 0  # transformers leaves NaN at fully masked padding positions
+        real = batch.segment_ids > 0  # transformers leaves NaN at fully masked padding positions
         torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=1e-4)
 
 
@@ -245,13 +245,11 @@ def test_import_drops_rows_of_grounding_tokens(exported, tmp_path, tokenizer):
     ours = KosmosModel(cfg).eval()
     ours.load_state_dict(state)
     prompt = tokenizer.encode_interleaved([IMAGE, "An image of"], cfg.connector.num_queries, eos=False)
-    batch, images = (
-        pad_batch([prompt], "left"),
-        torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size),
-    )
+    images = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    batch = pad_batch([prompt], "left", images=images)
     with torch.no_grad():
         expected = theirs(pixel_values=images, **_hf_inputs(batch)).logits[..., : tokenizer.vocab_size]
-        torch.testing.assert_close(ours(**batch, images=images).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours(**batch.inputs()).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def _copy_checkpoint(runs, tmp_path):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from kosmos.config import ConfigError, from_dict
 from kosmos.data import DataConfig, build_loader
+from kosmos.data.batch import Batch
 from kosmos.data.decode import DECODERS, Document
 from kosmos.data.inspection import inspect
 from kosmos.data.shards import CorpusIndex, ShardInfo, ShardReader, write_index
@@ -177,9 +178,9 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(corpora, tokenizer):
     for (want, want_refs), got in zip(expected[7:], resumed):
         assert resumed.last_step_samples == want_refs
         for a, b in zip(want, got, strict=True):
-            assert a["source"] == b["source"]
-            for key in ("input_ids", "image_mask", "images", "labels", "position_ids", "segment_ids"):
-                assert torch.equal(a[key], b[key]), key
+            assert a.corpora == b.corpora
+            for key, tensor in a.inputs().items():
+                assert torch.equal(tensor, getattr(b, key)), key
     assert resumed.step == 20
     assert resumed.skipped == straight.skipped == {}
 
@@ -226,9 +227,9 @@ def elastic_config(root: Path, num_workers: int) -> DataConfig:
 def check_budgets(batches: list[dict], rows_per_step: dict[str, int]) -> None:
     rows, tokens = Counter(), Counter()
     for batch in batches:
-        for b, source in enumerate(batch["source"]):
+        for b, source in enumerate(batch.corpora):
             rows[source] += 1
-            tokens[source] += int((batch["segment_ids"][b] > 0).sum())
+            tokens[source] += int((batch.segment_ids[b] > 0).sum())
     assert rows == rows_per_step
     assert all(0 < tokens[name] <= n * 64 for name, n in rows.items())
 
@@ -296,10 +297,10 @@ def test_mixture_fills_each_step_with_its_token_budgets(corpora, tokenizer):
     for batches in itertools.islice(loader, 12):
         rows, tokens = Counter(), Counter()
         for batch in batches:
-            for b, source in enumerate(batch["source"]):
+            for b, source in enumerate(batch.corpora):
                 rows[source] += 1
-                tokens[source] += int((batch["segment_ids"][b] > 0).sum())
-                lengths = torch.bincount(batch["segment_ids"][b])[1:]
+                tokens[source] += int((batch.segment_ids[b] > 0).sum())
+                lengths = torch.bincount(batch.segment_ids[b])[1:]
                 longest[source] = max(longest[source], int(lengths.max()))
         assert rows == {name: n // cfg.seq_len for name, n in budgets.items()}
         assert tokens["text"] == budgets["text"]  # text continues across rows: rows are full
@@ -322,18 +323,18 @@ def test_batches_keep_the_contract(corpora, tokenizer):
     assert checked_images > 10
 
 
-def check_contract(batch: dict, tokenizer) -> int:
+def check_contract(batch: Batch, tokenizer) -> int:
     """Every rule of the batch contract on one batch; returns how many image contents it matched."""
-    rows, length = batch["input_ids"].shape
+    rows, length = batch.input_ids.shape
     for key in ("image_mask", "labels", "position_ids", "segment_ids"):
-        assert batch[key].shape == (rows, length)
-    assert len(batch["source"]) == rows
-    mask = batch["image_mask"]
-    assert batch["images"].shape == (int(mask.sum()) // SLOTS, 3, IMAGE_SIZE, IMAGE_SIZE)
+        assert getattr(batch, key).shape == (rows, length)
+    assert len(batch.corpora) == rows
+    mask = batch.image_mask
+    assert batch.images.shape == (int(mask.sum()) // SLOTS, 3, IMAGE_SIZE, IMAGE_SIZE)
     image, matched = 0, 0
     for b in range(rows):
-        ids, labels = batch["input_ids"][b].tolist(), batch["labels"][b].tolist()
-        segments, positions = batch["segment_ids"][b].tolist(), batch["position_ids"][b].tolist()
+        ids, labels = batch.input_ids[b].tolist(), batch.labels[b].tolist()
+        segments, positions = batch.segment_ids[b].tolist(), batch.position_ids[b].tolist()
         for t in range(length):
             if segments[t] == 0:
                 assert ids[t] == PAD and labels[t] == IGNORE_INDEX and not mask[b, t]
@@ -352,7 +353,7 @@ def check_contract(batch: dict, tokenizer) -> int:
                 if complete and len(after) == 2 and after[0] == "shade":
                     level = int(after[1].rstrip(".")) * 20 / 255
                     want = (level - 0.48145466) / 0.26862954
-                    assert batch["images"][image, 0].mean().item() == pytest.approx(want, abs=1e-3)
+                    assert batch.images[image, 0].mean().item() == pytest.approx(want, abs=1e-3)
                     matched += 1
                 image += 1
             if mask[b, t] or ids[t] == tokenizer.boi_id or last:
@@ -373,11 +374,11 @@ def test_per_part_learn_flags_mask_the_prompt(corpora, tokenizer, monkeypatch):
     batch = next(iter(loader))[0]
     learned_per_document = []
     for b in range(2):
-        segments = batch["segment_ids"][b]
+        segments = batch.segment_ids[b]
         for s in segments.unique()[1:]:
             in_segment = segments == s
             if int(in_segment.sum()) == whole:
-                learned_per_document.append(int((batch["labels"][b][in_segment] != IGNORE_INDEX).sum()))
+                learned_per_document.append(int((batch.labels[b][in_segment] != IGNORE_INDEX).sum()))
     assert learned_per_document and set(learned_per_document) == {len(tokenizer.encode(answer)) + 1}
 
 

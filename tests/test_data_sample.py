@@ -109,10 +109,10 @@ def test_tiny_recipe_reads_the_sample(sample, tmp_path):
     loader = build_loader(cfg.data, tokenizer, cfg.model.vision.image_size, cfg.model.connector.num_queries)
     batches = next(iter(loader))
     assert len(batches) == loader.micro_batches_per_step
-    assert {s for batch in batches for s in batch["source"]} == {"text", "caption", "interleaved"}
+    assert {s for batch in batches for s in batch.corpora} == {"text", "caption", "interleaved"}
     for batch in batches:
-        slots = int(batch["image_mask"].sum())
-        assert batch["images"].shape[0] * cfg.model.connector.num_queries == slots
+        slots = int(batch.image_mask.sum())
+        assert batch.images.shape[0] * cfg.model.connector.num_queries == slots
 
 
 def test_bench_data_reports_loader_and_bare_loop(sample, tmp_path, capsys):

@@ -86,22 +86,20 @@ def test_generation_stops_at_eos(tokenizer, tiny_config):
 def test_loss_ignores_slots_padding_and_masked_labels(tokenizer, tiny_config):
     model = _model(tiny_config)
     enc = tokenizer.encode_interleaved(["A digit:", IMAGE, "seven."], tiny_config.connector.num_queries)
-    batch = pad_batch([enc, tokenizer.encode_interleaved(["short"], 16)], "right")
-    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    batch = pad_batch([enc, tokenizer.encode_interleaved(["short"], 16)], "right", images=_images(1, tiny_config))
+    labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
     labels[0, : len(enc)] = torch.tensor(enc.labels())
-    images = _images(1, tiny_config)
-    out = model(**batch, images=images, labels=labels)
+    out = model(**batch.inputs(), labels=labels)
     valid = labels != IGNORE_INDEX
-    assert not valid[batch["image_mask"]].any()
+    assert not valid[batch.image_mask].any()
     assert (out.token_loss[~valid] == 0).all()
-    full = model(**batch, images=images).logits  # without labels: every position's logits
+    full = model(**batch.inputs()).logits  # without labels: every position's logits
     torch.testing.assert_close(out.logits, full[valid])
     manual = torch.nn.functional.cross_entropy(full[valid], labels[valid])
     torch.testing.assert_close(out.loss, manual)
     # Whatever sits in padding or behind -100 labels changes nothing.
-    noisy = dict(batch)
-    noisy["input_ids"] = batch["input_ids"].masked_fill(batch["segment_ids"] == 0, 7)
-    assert torch.equal(model(**noisy, images=images, labels=labels).loss, out.loss)
+    noisy = dataclasses.replace(batch, input_ids=batch.input_ids.masked_fill(batch.segment_ids == 0, 7))
+    assert torch.equal(model(**noisy.inputs(), labels=labels).loss, out.loss)
 
 
 def test_image_changes_only_what_follows_it(tokenizer, tiny_config):

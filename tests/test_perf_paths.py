@@ -29,7 +29,7 @@ def _grads(model):
 
 def _loss_and_grads(model, batch):
     model.zero_grad()
-    loss = model(**batch).loss
+    loss = model(**batch.inputs()).loss
     loss.backward()
     return loss.detach(), _grads(model)
 
@@ -67,10 +67,10 @@ def test_blockwise_loss_matches_cross_entropy(monkeypatch, dtype, block_elements
 def test_model_loss_is_cross_entropy_over_labelled_tokens(tiny_config):
     model = KosmosModel(tiny_config).eval()
     batch = synthetic_batch(tiny_config, rows=2, seq_len=64, images_per_row=1)
-    out = model(**batch)
-    labelled = batch["labels"] != IGNORE_INDEX
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    plain = F.cross_entropy(logits[labelled], batch["labels"][labelled])
+    out = model(**batch.inputs())
+    labelled = batch.labels != IGNORE_INDEX
+    logits = model(**dataclasses.replace(batch, labels=None).inputs()).logits
+    plain = F.cross_entropy(logits[labelled], batch.labels[labelled])
     torch.testing.assert_close(out.loss, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -101,20 +101,20 @@ def test_preallocated_cache_decodes_like_full_forwards(tokenizer, tiny_config, l
     if left_padding:  # a longer second prompt pads the first on the left: the masked path
         prompts.append(tokenizer.encode_interleaved([IMAGE, "A longer prompt with more words"], q, eos=False))
     images = torch.randn(len(prompts), 3, tiny_config.vision.image_size, tiny_config.vision.image_size)
-    batch = pad_batch(prompts, "left")
+    batch = pad_batch(prompts, "left", images=images)
     new = torch.randint(4, 900, (len(prompts), 5))
     with torch.no_grad():
-        cache = KVCache(len(model.layers), batch["input_ids"].shape[1] + new.shape[1])
-        steps = [model(**batch, images=images, cache=cache).logits[:, -1]]
-        position = batch["position_ids"][:, -1:] + 1
+        cache = KVCache(len(model.layers), batch.input_ids.shape[1] + new.shape[1])
+        steps = [model(**batch.inputs(), cache=cache).logits[:, -1]]
+        position = batch.position_ids[:, -1:] + 1
         for t in range(new.shape[1]):
             steps.append(model(new[:, t : t + 1], position_ids=position + t, cache=cache).logits[:, -1])
         assert cache.one_segment is not left_padding
         full = {
-            "input_ids": torch.cat([batch["input_ids"], new], 1),
-            "image_mask": F.pad(batch["image_mask"], (0, new.shape[1])),
-            "position_ids": torch.cat([batch["position_ids"], position + torch.arange(new.shape[1])], 1),
-            "segment_ids": F.pad(batch["segment_ids"], (0, new.shape[1]), value=1),
+            "input_ids": torch.cat([batch.input_ids, new], 1),
+            "image_mask": F.pad(batch.image_mask, (0, new.shape[1])),
+            "position_ids": torch.cat([batch.position_ids, position + torch.arange(new.shape[1])], 1),
+            "segment_ids": F.pad(batch.segment_ids, (0, new.shape[1]), value=1),
         }
         expected = model(**full, images=images).logits[:, -new.shape[1] - 1 :]
     torch.testing.assert_close(torch.stack(steps, 1), expected, atol=1e-5, rtol=1e-4)
@@ -146,11 +146,11 @@ def test_compiled_decoding_gives_the_same_tokens(tokenizer, tiny_config):
 def test_image_slot_mismatch_is_refused_on_the_host(tiny_config):
     model = KosmosModel(tiny_config).eval()
     batch = synthetic_batch(tiny_config, rows=1, seq_len=64, images_per_row=2)
-    first_image_only = batch["image_mask"] & (batch["image_mask"].cumsum(1) <= 16)
+    first_image_only = batch.image_mask & (batch.image_mask.cumsum(1) <= 16)
     with pytest.raises(ValueError, match="2 images need 32 image slots, the batch has 16"):
-        model(**{**batch, "image_mask": first_image_only})
+        model(**dataclasses.replace(batch, image_mask=first_image_only).inputs())
     with pytest.raises(ValueError, match="image slots but no images"):
-        model(**{**batch, "images": batch["images"][:0]})
+        model(**dataclasses.replace(batch, images=batch.images[:0]).inputs())
 
 
 def test_transformers_twin_gives_our_loss(tiny_config):
@@ -164,7 +164,7 @@ def test_transformers_twin_gives_our_loss(tiny_config):
     assert "vision_model.model.post_layernorm.weight" not in theirs  # frozen in ours too
     batch = synthetic_batch(tiny_config, rows=2, seq_len=64, images_per_row=2)
     torch.testing.assert_close(
-        model(**batch).loss, twin(**transformers_inputs(batch)).loss, atol=1e-5, rtol=1e-5
+        model(**batch.inputs()).loss, twin(**transformers_inputs(batch)).loss, atol=1e-5, rtol=1e-5
     )
 
 

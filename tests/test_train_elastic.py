@@ -166,9 +166,9 @@ def first_loss_computed_directly(model: KosmosModel, record: Path, ranks: int) -
     with torch.no_grad():
         for rank in range(ranks):
             for mb in torch.load(record / f"first_step_rank{rank}.pt", weights_only=False)["batches"]:
-                output = model(**{k: v for k, v in mb.items() if k != "source"})
+                output = model(**mb.inputs())
                 loss_sum += float(output.token_loss.double().sum())
-                labelled += int((mb["labels"] != IGNORE_INDEX).sum())
+                labelled += int((mb.labels != IGNORE_INDEX).sum())
     return loss_sum / labelled
 
 

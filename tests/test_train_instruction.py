@@ -31,16 +31,16 @@ def test_only_the_output_is_learned(tmp_path, tokenizer):
     batch = next(iter(loader))[0]
     outputs = {tuple(tokenizer.encode(row["output"]) + [EOS]): row for row in rows[:2]}
     seen = set()
-    for segment in batch["segment_ids"][0].unique().tolist():
+    for segment in batch.segment_ids[0].unique().tolist():
         if segment == 0:
             continue
-        here = batch["segment_ids"][0] == segment
-        labels = batch["labels"][0][here]
+        here = batch.segment_ids[0] == segment
+        labels = batch.labels[0][here]
         learned = tuple(labels[labels != IGNORE_INDEX].tolist())
         assert learned in outputs  # the output and its closing </s>, nothing of the prompt
         row = outputs[learned]
-        prompt = tokenizer.decode(batch["input_ids"][0][here].tolist())
+        prompt = tokenizer.decode(batch.input_ids[0][here].tolist())
         assert row["instruction"] in prompt and row.get("input", "") in prompt
         seen.add(learned)
     assert len(seen) == 2
-    assert batch["source"] == ["instruction"] and not torch.any(batch["image_mask"])
+    assert batch.corpora == ("instruction",) and not torch.any(batch.image_mask)

@@ -203,10 +203,10 @@ def test_activation_formula_counts_what_autograd_keeps(text, rows, seq_len, imag
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(**batch)
+        model(**batch.inputs())
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = sum(size for pointer, size in storages.items() if pointer not in weights)
-    labelled = int((batch["labels"] != -100).sum())
+    labelled = int((batch.labels != -100).sum())
     # On a CPU, attention dropout runs in PyTorch's unfused math kernel; the fused one otherwise.
     attention = "math" if cfg.text.attention_dropout > 0 else "sdpa"
     formula = activation_memory(cfg, rows, seq_len, rows * images, labelled, 4, attention, 4, checkpointed)

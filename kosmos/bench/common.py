@@ -9,9 +9,13 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kosmos.cli import non_negative_int, positive_int
 from kosmos.threads import available_cores
+
+if TYPE_CHECKING:
+    from kosmos.data.batch import Batch
 
 
 def add_common_arguments(parser, steps: int, warmup: int) -> None:
@@ -45,18 +49,18 @@ def load_bench_config(path: str | Path, overrides: list[str]):
     return config_io.from_dict(TrainConfig, config_io.apply_overrides(data, overrides))
 
 
-def synthetic_batch(model_cfg, rows: int, seq_len: int, images_per_row: int, seed: int = 0) -> dict:
+def synthetic_batch(model_cfg, rows: int, seq_len: int, images_per_row: int, seed: int = 0) -> Batch:
     """A batch of the batch contract (docs/design.md): one document per row filling it,
     `<s> text (<image> slots </image> text)* </s>` with random token ids and images."""
     import torch
 
     from kosmos.config import ConfigError
-    from kosmos.tokenizer import BOS, EOS, FIRST_IMAGE_SLOT_ID, SPECIAL_SYMBOLS, Encoded
+    from kosmos.data.batch import Batch
+    from kosmos.tokenizer import BOS, EOS, FIRST_IMAGE_SLOT_ID, Encoded, special_ids
 
-    queries, vocab = model_cfg.connector.num_queries, model_cfg.text.vocab_size
-    first_special = vocab - len(SPECIAL_SYMBOLS)
-    boi = first_special + SPECIAL_SYMBOLS.index("<image>")
-    eoi = first_special + SPECIAL_SYMBOLS.index("</image>")
+    queries = model_cfg.connector.num_queries
+    special = special_ids(model_cfg.text.vocab_size)
+    boi, eoi, first_special = special["<image>"], special["</image>"], min(special.values())
     text = seq_len - 2 - images_per_row * (queries + 2)
     if text < images_per_row + 1:
         raise ConfigError(f"data.seq_len: {seq_len} positions cannot hold {images_per_row} images per row")
@@ -78,23 +82,24 @@ def synthetic_batch(model_cfg, rows: int, seq_len: int, images_per_row: int, see
         image_mask.append(False)
         encoded.append(Encoded(ids, image_mask, [True] * len(ids), images_per_row))
     size = model_cfg.vision.image_size
-    return {
-        "input_ids": torch.tensor([e.ids for e in encoded]),
-        "image_mask": torch.tensor([e.image_mask for e in encoded]),
-        "images": torch.randn(rows * images_per_row, 3, size, size, generator=generator),
-        "labels": torch.tensor([e.labels() for e in encoded]),
-        "position_ids": torch.arange(seq_len).expand(rows, -1).contiguous(),
-        "segment_ids": torch.ones(rows, seq_len, dtype=torch.long),
-    }
+    return Batch(
+        input_ids=torch.tensor([e.ids for e in encoded]),
+        image_mask=torch.tensor([e.image_mask for e in encoded]),
+        position_ids=torch.arange(seq_len).expand(rows, -1).contiguous(),
+        segment_ids=torch.ones(rows, seq_len, dtype=torch.long),
+        images=torch.randn(rows * images_per_row, 3, size, size, generator=generator),
+        labels=torch.tensor([e.labels() for e in encoded]),
+    )
 
 
-def synthetic_packed_batch(cfg, rows: int, seq_len: int, seed: int = 0, spread: int = 40) -> dict:
+def synthetic_packed_batch(cfg, rows: int, seq_len: int, seed: int = 0, spread: int = 40) -> Batch:
     """Rows packed with documents of random lengths (half with one image, each `spread` lengths
     above the shortest possible), then padding (little in the first row), as the data pipeline packs
     them; random token ids and images."""
     import torch
 
-    from kosmos.tokenizer import IGNORE_INDEX
+    from kosmos.data.batch import Batch
+    from kosmos.tokenizer import IGNORE_INDEX, PAD
 
     generator = torch.Generator().manual_seed(seed)
     slots = cfg.connector.num_queries + 2
@@ -114,22 +119,20 @@ def synthetic_packed_batch(cfg, rows: int, seq_len: int, seed: int = 0, spread: 
                 break
             doc_seed = int(torch.randint(2**31, (), generator=generator))
             doc = synthetic_batch(cfg, 1, length, int(with_image), seed=doc_seed)
-            doc["labels"][0, -1] = IGNORE_INDEX  # a document's last token predicts nothing in a row
-            doc["segment_ids"] *= number
+            doc.labels[0, -1] = IGNORE_INDEX  # a document's last token predicts nothing in a row
+            doc.segment_ids *= number
             pieces.append(doc)
-            images.append(doc["images"])
+            images.append(doc.images)
             used, number = used + length, number + 1
         for key, column in parts.items():
-            row_parts = [doc[key][0] for doc in pieces]
-            fill = {"input_ids": 1, "labels": IGNORE_INDEX}.get(key, 0)
+            row_parts = [getattr(doc, key)[0] for doc in pieces]
+            fill = {"input_ids": PAD, "labels": IGNORE_INDEX}.get(key, 0)
             row_parts.append(torch.full((seq_len - used,), fill, dtype=row_parts[0].dtype))
             column.append(torch.cat(row_parts))
-    batch = {key: torch.stack(value) for key, value in parts.items()}
-    batch["images"] = torch.cat(images)
-    return batch
+    return Batch(**{key: torch.stack(value) for key, value in parts.items()}, images=torch.cat(images))
 
 
-def packed_rows(cfg, corpus: str) -> dict:
+def packed_rows(cfg, corpus: str) -> Batch:
     """One micro-batch of the config's shape, its rows packed by the data loader from the documents
     of the config's corpus named `corpus` (docs/design.md; several documents per row)."""
     import dataclasses
@@ -149,7 +152,7 @@ def packed_rows(cfg, corpus: str) -> dict:
         data, Tokenizer(cfg.tokenizer), cfg.model.vision.image_size, cfg.model.connector.num_queries
     )
     (batch,) = next(iter(loader))
-    return {k: v for k, v in batch.items() if k != "source"}
+    return batch
 
 
 def transformers_twin(model):
@@ -174,18 +177,18 @@ def transformers_twin(model):
     return twin
 
 
-def transformers_inputs(batch: dict) -> dict:
-    """Our batch as Kosmos-2 arguments (one document per row; its labels are not yet shifted)."""
+def transformers_inputs(batch: Batch) -> dict:
+    """Our `Batch` as Kosmos-2 arguments (one document per row; its labels are not yet shifted)."""
     import torch
 
     from kosmos.tokenizer import IGNORE_INDEX
 
-    labels = batch.get("labels")
+    labels = batch.labels
     inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": (batch["segment_ids"] > 0).long(),
-        "image_embeds_position_mask": batch["image_mask"].long(),
-        "pixel_values": batch["images"],
+        "input_ids": batch.input_ids,
+        "attention_mask": (batch.segment_ids > 0).long(),
+        "image_embeds_position_mask": batch.image_mask.long(),
+        "pixel_values": batch.images,
     }
     if labels is not None:
         inputs["labels"] = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], 1)

@@ -50,8 +50,8 @@ def bench_data(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         for _ in range(args.steps):
             for batch in next(steps):
-                tokens += int((batch["segment_ids"] > 0).sum())
-                images += len(batch["images"])
+                tokens += int((batch.segment_ids > 0).sum())
+                images += len(batch.images)
             samples.update(ref.corpus for ref in loader.last_step_samples)
         loader_seconds = time.perf_counter() - start
         del steps  # stops the loader's workers before the bare loop runs

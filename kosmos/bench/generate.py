@@ -53,9 +53,9 @@ def bench_generate(args: argparse.Namespace) -> int:
     batch = synthetic_batch(cfg.model, args.batch, length, 1)
     prompts = [
         Encoded(ids[:-1], mask[:-1], [True] * (length - 1), 1)  # without </s>: a prompt to continue
-        for ids, mask in zip(batch["input_ids"].tolist(), batch["image_mask"].tolist())
+        for ids, mask in zip(batch.input_ids.tolist(), batch.image_mask.tolist())
     ]
-    images = batch["images"].to(device, dtype)
+    images = batch.images.to(device, dtype)
 
     torch.manual_seed(cfg.train.seed)
     model = KosmosModel(cfg.model).eval()
@@ -71,7 +71,7 @@ def bench_generate(args: argparse.Namespace) -> int:
         twin.generation_config.eos_token_id = None  # decode the full length, as ours does here
         if args.compile:  # Kosmos-2's generate runs its text model, compiled here as ours is
             twin.text_model.forward = compile_for_decoding(twin.text_model.forward, device.type)
-        inputs = transformers_inputs({**pad_batch(prompts, "left", device), "images": images})
+        inputs = transformers_inputs(pad_batch(prompts, "left", device, images))
 
         def theirs() -> list[list[int]]:
             out = twin.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, num_beams=1)

@@ -121,9 +121,9 @@ def check_backends(model_cfg, device, dtype, backends: list[str]) -> dict:
     vision = dataclasses.replace(vision, trainable_blocks=min(vision.trainable_blocks, vision.layers))
     cfg = dataclasses.replace(model_cfg, text=text, vision=vision, attention="sdpa")
     batch = synthetic_packed_batch(cfg, rows=2, seq_len=min(1024, text.max_positions))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["images"] = batch["images"].to(dtype)
-    real = batch["segment_ids"] > 0
+    batch = batch.to(device)
+    batch.images = batch.images.to(dtype)
+    real = batch.segment_ids > 0
 
     torch.manual_seed(0)
     reference = KosmosModel(cfg).to(device, dtype).train()
@@ -162,9 +162,9 @@ def min_gradient_cosine(grads: dict, reference: dict) -> float:
     )
 
 
-def _logits_and_grads(model, batch: dict, real) -> tuple:
+def _logits_and_grads(model, batch, real) -> tuple:
     model.zero_grad()
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[real]
+    logits = model(**dataclasses.replace(batch, labels=None).inputs()).logits[real]
     logits.float().pow(2).mean().backward()  # a gradient through every labelled and unlabelled logit
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), grads
@@ -181,7 +181,7 @@ def time_backends(model_cfg, seq_len: int, device, backends: list[str], repeats:
 
     text = dataclasses.replace(model_cfg.text, attention_dropout=0.0)
     cfg = dataclasses.replace(model_cfg, text=text)
-    segments = synthetic_packed_batch(cfg, rows=4, seq_len=seq_len, spread=40)["segment_ids"].to(device)
+    segments = synthetic_packed_batch(cfg, rows=4, seq_len=seq_len, spread=40).segment_ids.to(device)
     results = {}
     for backend in ["sdpa", *backends]:
         try:

@@ -18,11 +18,15 @@ import json
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from kosmos.bench.common import machine, synchronize, transformers_twin
 from kosmos.cli import positive_int
 from kosmos.config import ConfigError
 from kosmos.threads import configure_threads
+
+if TYPE_CHECKING:
+    from kosmos.data.batch import Batch
 
 
 def register(benches: argparse._SubParsersAction) -> None:
@@ -66,7 +70,7 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
     budget = cfg.data.micro_batch_size * cfg.data.seq_len
     steps = []
     for _, micro_batches in zip(range(args.steps), loader):
-        ours = [{k: v.to(device) for k, v in mb.items() if k != "source"} for mb in micro_batches]
+        ours = [mb.to(device).inputs() for mb in micro_batches]
         documents = [doc for mb in micro_batches for doc in split_documents(mb, queries)]
         theirs = [to_device(b, device) for b in padded_batches(documents, budget)]
         steps.append((ours, theirs))
@@ -129,21 +133,20 @@ def bench_time_to_loss(args: argparse.Namespace) -> int:
     return 0
 
 
-def split_documents(batch: dict, num_queries: int) -> list[dict]:
+def split_documents(batch: Batch, num_queries: int) -> list[dict]:
     """The packed pieces of a micro-batch, one dict each (ids, image_mask, labels, images), in row
     order: what a trainer without packing feeds one row each."""
     from kosmos.model.attention import document_runs
 
-    segments = batch["segment_ids"]
-    starts, lengths, ids = (t.tolist() for t in document_runs(segments))
-    flat = {key: batch[key].flatten() for key in ("input_ids", "image_mask", "labels")}
+    starts, lengths, ids = (t.tolist() for t in document_runs(batch.segment_ids))
+    flat = {key: getattr(batch, key).flatten() for key in ("input_ids", "image_mask", "labels")}
     documents, image = [], 0
     for start, length, segment in zip(starts, lengths, ids):
         if segment == 0:
             continue
         piece = {key: value[start : start + length] for key, value in flat.items()}
         count = int(piece["image_mask"].sum()) // num_queries
-        piece["images"] = batch["images"][image : image + count]
+        piece["images"] = batch.images[image : image + count]
         image += count
         documents.append(piece)
     return documents

@@ -107,7 +107,7 @@ def bench_train(args: argparse.Namespace) -> int:
         batch = synthetic_packed_batch(cfg.model, rows, seq_len)
     else:
         batch = synthetic_batch(cfg.model, rows, seq_len, args.images_per_row)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = batch.to(device)
 
     torch.manual_seed(cfg.train.seed)
     model = KosmosModel(dataclasses.replace(cfg.model, attention=backends[0]))
@@ -117,7 +117,7 @@ def bench_train(args: argparse.Namespace) -> int:
         sides[backend] = KosmosModel(dataclasses.replace(cfg.model, attention=backend))
         sides[backend].load_state_dict(model.state_dict())
     runs, memory, attention, resolved = {}, {}, {}, {}
-    segments = batch["segment_ids"]
+    segments = batch.segment_ids
     for side, ours in sides.items():
         # The attention alone, forward only (as evaluation runs it: no dropout), and forward and backward.
         forward = choose_backend(ours.cfg.attention, device, dtype, needs_grad=False, dropout=False)
@@ -128,7 +128,7 @@ def bench_train(args: argparse.Namespace) -> int:
         resolved[side] = ours.attention_backend(device, dtype, needs_grad=True)
         if cfg.train.compile:
             ours.compile_layers()
-        runs[side] = TrainSteps(build_engine(cfg, ours, 1, bf16), batch, args.warmup)
+        runs[side] = TrainSteps(build_engine(cfg, ours, 1, bf16), batch.inputs(), args.warmup)
         memory[side] = memory_gb(device)  # before the twin trains: ours alone
         attention[f"{side} attention"] = AttentionSteps(
             cfg.model, resolved[side], segments, dtype, args.warmup
@@ -164,7 +164,7 @@ def bench_train(args: argparse.Namespace) -> int:
         "rows": _rows(args),
         "documents_per_row": round(_documents(segments) / rows, 2),
         "padding": round(float((segments == 0).float().mean()), 4),
-        "images": len(batch["images"]),
+        "images": len(batch.images),
         "zero_stage": cfg.deepspeed.zero_stage,
         "bf16": bf16,
         "activation_checkpointing": cfg.deepspeed.activation_checkpointing,
@@ -177,8 +177,8 @@ def bench_train(args: argparse.Namespace) -> int:
     }
     # Every rank runs the same steps on batches of the same shape: rates count all of them.
     positions = env.world_size * rows * seq_len
-    images = env.world_size * len(batch["images"])
-    labelled = env.world_size * int((batch["labels"] != IGNORE_INDEX).sum())
+    images = env.world_size * len(batch.images)
+    labelled = env.world_size * int((batch.labels != IGNORE_INDEX).sum())
 
     def flops(side: str) -> dict[str, float]:
         """The FLOPs of one step as the training logs count them, for the attention `side` runs."""
@@ -298,14 +298,14 @@ class AttentionSteps:
 class TrainSteps:
     """Optimizer steps of one DeepSpeed engine on one batch; `warmup` of them run at once."""
 
-    def __init__(self, engine, batch: dict, warmup: int):
-        self.engine, self.batch = engine, batch
+    def __init__(self, engine, inputs: dict, warmup: int):
+        self.engine, self.inputs = engine, inputs
         self.first_loss = float(self())
         for _ in range(warmup - 1):
             self()
 
     def __call__(self):
-        loss = self.engine(**self.batch).loss
+        loss = self.engine(**self.inputs).loss
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kosmos.config import ConfigError
 from kosmos.data import sources
+from kosmos.data.batch import Batch
 from kosmos.data.config import CorpusConfig, DataConfig, check_streams, rows_per_step
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.holdout import Holdout
@@ -157,18 +158,18 @@ class StepBuilder:
             self._cache = sources.ShardCache(self.cache_root, self.options)
         return self._cache
 
-    def next_step(self) -> tuple[list[dict], list[SampleRef], list[tuple[SampleRef, str]]]:
+    def next_step(self) -> tuple[list[Batch], list[SampleRef], list[tuple[SampleRef, str]]]:
         """The step's micro-batches, the documents that began in it, and the samples it skipped."""
-        rows, sources_, started, skipped = [], [], [], []
+        rows, corpora, started, skipped = [], [], [], []
         for name, packer in self.packers.items():
             packed, first_read = packer.pack(self.rows[name])
             rows += packed
-            sources_ += [name] * len(packed)
+            corpora += [name] * len(packed)
             started += first_read
             skipped += packer.stream.take_skips()
         size = self.cfg.micro_batch_size
         batches = [
-            collate(rows[i : i + size], sources_[i : i + size], self.cfg.seq_len, self.image_size)
+            collate(rows[i : i + size], corpora[i : i + size], self.cfg.seq_len, self.image_size)
             for i in range(0, len(rows), size)
         ]
         return batches, started, skipped
@@ -254,7 +255,7 @@ atexit.register(_end_workers, _RUNNING)
 
 
 class StepLoader:
-    """Iterate for each step's micro-batches (a list of `micro_batches_per_step` batch dicts).
+    """Iterate for each step's micro-batches (a list of `micro_batches_per_step` `Batch`es).
 
     Infinite: epochs follow one another (`epochs` tells how far each corpus is). `state_dict()` is the
     position after the last step received; `load_state_dict()` before iterating resumes there.
@@ -311,7 +312,7 @@ class StepLoader:
             weakref.finalize(self, shutil.rmtree, self._cache_root, True)
         return self._cache_root
 
-    def __iter__(self) -> Iterator[list[dict]]:
+    def __iter__(self) -> Iterator[list[Batch]]:
         self.cache_root()
         steps = _Steps(self)
         if self.cfg.num_workers == 0:

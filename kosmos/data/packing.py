@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kosmos.data.batch import Batch
 from kosmos.data.stream import CorpusStream, EncodedDocument, SampleRef
 from kosmos.tokenizer import IGNORE_INDEX, PAD
 
@@ -82,8 +83,8 @@ class RowPacker:
         self.pending, self.offset = None, 0
 
 
-def collate(rows: list[Row], sources: list[str], seq_len: int, image_size: int) -> dict:
-    """The batch of docs/design.md ("The batch contract") for these rows."""
+def collate(rows: list[Row], corpora: list[str], seq_len: int, image_size: int) -> Batch:
+    """The batch of docs/design.md ("The batch contract") for these rows, `corpora` the corpus of each."""
     batch = len(rows)
     input_ids = torch.full((batch, seq_len), PAD, dtype=torch.long)
     image_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
@@ -104,12 +105,12 @@ def collate(rows: list[Row], sources: list[str], seq_len: int, image_size: int) 
             segment_ids[b, span] = number
             images.append(document.images_between(start, end))
             t = span.stop
-    return {
-        "input_ids": input_ids,
-        "image_mask": image_mask,
-        "images": torch.cat(images),
-        "labels": labels,
-        "position_ids": position_ids,
-        "segment_ids": segment_ids,
-        "source": sources,
-    }
+    return Batch(
+        input_ids=input_ids,
+        image_mask=image_mask,
+        position_ids=position_ids,
+        segment_ids=segment_ids,
+        images=torch.cat(images),
+        labels=labels,
+        corpora=tuple(corpora),
+    )

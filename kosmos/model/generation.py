@@ -13,14 +13,18 @@ from typing import Literal
 
 import torch
 
+from kosmos.data.batch import Batch
 from kosmos.model.kosmos import KosmosModel, KVCache
 from kosmos.tokenizer import EOS, IGNORE_INDEX, PAD, Encoded
 
 
 def pad_batch(
-    sequences: Sequence[Encoded], side: Literal["left", "right"], device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Model inputs for sequences of different lengths, one document per row."""
+    sequences: Sequence[Encoded],
+    side: Literal["left", "right"],
+    device: torch.device | str = "cpu",
+    images: torch.Tensor | None = None,
+) -> Batch:
+    """The batch of sequences of different lengths, one document per row, with the sequences' `images`."""
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), length), PAD, dtype=torch.long)
     image_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
@@ -32,13 +36,7 @@ def pad_batch(
         image_mask[row, span] = torch.tensor(seq.image_mask)
         segment_ids[row, span] = 1
         position_ids[row, span] = torch.arange(len(seq))
-    batch = {
-        "input_ids": input_ids,
-        "image_mask": image_mask,
-        "position_ids": position_ids,
-        "segment_ids": segment_ids,
-    }
-    return {k: v.to(device) for k, v in batch.items()}
+    return Batch(input_ids, image_mask, position_ids, segment_ids, images).to(device)
 
 
 def _images_for_rows(sequences: Sequence[Encoded], images: torch.Tensor | None, repeats: int):
@@ -65,9 +63,7 @@ def _check_images(sequences: Sequence[Encoded], images: torch.Tensor | None) -> 
 class _Decoder:
     """Runs the model one step at a time, with a KV cache or by re-reading the whole sequence."""
 
-    def __init__(
-        self, model: KosmosModel, batch: dict, images, use_cache: bool, max_new_tokens: int, compile: bool
-    ):
+    def __init__(self, model: KosmosModel, batch: Batch, use_cache: bool, max_new_tokens: int, compile: bool):
         if compile and not use_cache:
             raise ValueError("compile=True compiles the cached decoding step: it needs use_cache=True")
         self.model = model
@@ -75,13 +71,12 @@ class _Decoder:
         # Only the one-token steps: they share one graph, while prompts (and images) vary in shape.
         self.step_forward = model.compiled_forward() if compile else model
         self.batch = batch
-        self.images = images
-        capacity = batch["input_ids"].shape[1] + max_new_tokens
+        capacity = batch.input_ids.shape[1] + max_new_tokens
         self.cache = KVCache(len(model.layers), capacity) if use_cache else None
-        self.next_position = batch["position_ids"][:, -1] + 1
+        self.next_position = batch.position_ids[:, -1] + 1
 
     def first(self) -> torch.Tensor:
-        out = self.model(**self.batch, images=self.images, cache=self.cache)
+        out = self.model(**self.batch.inputs(), cache=self.cache)
         return out.logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -91,11 +86,14 @@ class _Decoder:
         if self.use_cache:
             out = self.step_forward(tokens.unsqueeze(1), position_ids=position, cache=self.cache)
             return out.logits[:, -1].float()
-        b["input_ids"] = torch.cat([b["input_ids"], tokens.unsqueeze(1)], 1)
-        b["image_mask"] = torch.cat([b["image_mask"], torch.zeros_like(tokens, dtype=torch.bool).unsqueeze(1)], 1)
-        b["position_ids"] = torch.cat([b["position_ids"], position], 1)
-        b["segment_ids"] = torch.cat([b["segment_ids"], torch.ones_like(position)], 1)
-        return self.model(**b, images=self.images).logits[:, -1].float()
+        self.batch = b = Batch(
+            torch.cat([b.input_ids, tokens.unsqueeze(1)], 1),
+            torch.cat([b.image_mask, torch.zeros_like(tokens, dtype=torch.bool).unsqueeze(1)], 1),
+            torch.cat([b.position_ids, position], 1),
+            torch.cat([b.segment_ids, torch.ones_like(position)], 1),
+            b.images,
+        )
+        return self.model(**b.inputs()).logits[:, -1].float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         # Rows only move among one prompt's beams, which share its images: the images stay put.
@@ -103,7 +101,7 @@ class _Decoder:
         if self.use_cache:
             self.cache.reorder(rows)
         else:
-            self.batch = {k: v.index_select(0, rows) for k, v in self.batch.items()}
+            self.batch = self.batch.rows(rows)
 
 
 def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -155,7 +153,7 @@ def generate(
         if strategy == "sample":
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if seed is None else seed)
-        decoder = _Decoder(model, pad_batch(prompts, "left", device), images, use_cache, max_new_tokens, compile)
+        decoder = _Decoder(model, pad_batch(prompts, "left", device, images), use_cache, max_new_tokens, compile)
         logits = decoder.first()
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         # Tokens stay on the device until the end: one host sync per step (the stopping test).
@@ -183,8 +181,8 @@ def _beam_search(
 ):
     k = num_beams
     rows = [p for p in prompts for _ in range(k)]
-    padded = pad_batch(rows, "left", device)
-    decoder = _Decoder(model, padded, _images_for_rows(prompts, images, k), use_cache, max_new_tokens, compile)
+    padded = pad_batch(rows, "left", device, _images_for_rows(prompts, images, k))
+    decoder = _Decoder(model, padded, use_cache, max_new_tokens, compile)
     logits = decoder.first()
     batch = len(prompts)
     beam_scores = torch.full((batch, k), float("-inf"), device=device)
@@ -262,14 +260,14 @@ def sequence_log_likelihood(
     """
     _check_images(sequences, images)
     device = next(model.parameters()).device
-    batch = pad_batch(sequences, "right", device)
-    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    batch = pad_batch(sequences, "right", device, images)
+    batch.labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
     for row, seq in enumerate(sequences):
-        labels[row, : len(seq)] = torch.tensor(seq.labels())
+        batch.labels[row, : len(seq)] = torch.tensor(seq.labels())
     was_training = model.training
     model.eval()
     try:
-        out = model(**batch, images=None if images is None else images.to(device), labels=labels)
+        out = model(**batch.inputs())
     finally:
         model.train(was_training)
     scores = -out.token_loss.sum(1)

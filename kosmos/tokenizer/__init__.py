@@ -29,6 +29,12 @@ class TokenizerError(ValueError):
     pass
 
 
+def special_ids(vocab_size: int) -> dict[str, int]:
+    """The ids of the special symbols in a vocabulary of `vocab_size` ids: its last ones, in order."""
+    first = vocab_size - len(SPECIAL_SYMBOLS)
+    return {name: first + i for i, name in enumerate(SPECIAL_SYMBOLS)}
+
+
 @dataclass
 class Encoded:
     """One sequence: token ids, which of them are image slots, and which are learned targets."""
@@ -77,13 +83,12 @@ class Tokenizer:
             )
         self.model_file = path
         self.num_pieces = self.sp.get_piece_size()
-        first_special = self.num_pieces + 1
-        self.special_ids = {name: first_special + i for i, name in enumerate(SPECIAL_SYMBOLS)}
+        self.vocab_size = self.num_pieces + 1 + len(SPECIAL_SYMBOLS)
+        self.special_ids = special_ids(self.vocab_size)
         self.mask_id = self.special_ids["<mask>"]
         self.eod_id = self.special_ids["</doc>"]
         self.boi_id = self.special_ids["<image>"]
         self.eoi_id = self.special_ids["</image>"]
-        self.vocab_size = first_special + len(SPECIAL_SYMBOLS)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = [UNK if p == 0 else p + 1 for p in self.sp.encode(text)]

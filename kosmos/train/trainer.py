@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from kosmos import config as config_io
 from kosmos.checkpoint import load_weights, read_latest
+from kosmos.data.batch import Batch
 from kosmos.data.skips import Counts, saved
 from kosmos.model import KosmosModel, attention_pairs, training_flops
 from kosmos.model.attention import attends_per_document
@@ -48,7 +49,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.env = env
-        self.sources = [corpus.name for corpus in cfg.data.corpora]
+        self.corpora = [corpus.name for corpus in cfg.data.corpora]
         self.bf16 = use_bf16(cfg.deepspeed.bf16)
         from kosmos.data import build_loader
 
@@ -148,7 +149,7 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def _train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+    def _train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Forward and backward over this rank's micro-batches, then the optimizer step.
 
         Returns this step's per-corpus sums (SUMS: LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES,
@@ -156,38 +157,38 @@ class Trainer:
         """
         device = self.env.device
         labelled = torch.tensor(
-            [sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)], device=device
+            [sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)], device=device
         )
         dist.all_reduce(labelled)
         # DeepSpeed averages gradients over ranks; scaling by the world size makes the result the
         # gradient of the mean loss over every labelled token of the step.
         scale = self.env.world_size / max(1, int(labelled.item()))
-        sums = torch.zeros(len(self.sources), len(SUMS), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(self.corpora), len(SUMS), dtype=torch.float64, device=device)
         for mb in micro_batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in mb.items() if k != "source"}
-            output = self.engine(**batch)
+            batch = mb.to(device, non_blocking=True)
+            output = self.engine(**batch.inputs())
             self.engine.backward(output.token_loss.sum() * scale, scale_wrt_gas=False)
             self.engine.step()
             sums += self._batch_sums(mb, batch, output.token_loss.detach())
         return sums
 
-    def _batch_sums(self, host_batch: dict, batch: dict, token_loss: torch.Tensor) -> torch.Tensor:
+    def _batch_sums(self, host_batch: Batch, batch: Batch, token_loss: torch.Tensor) -> torch.Tensor:
         """Per-corpus sums of one micro-batch (`batch` is `host_batch` on the device)."""
         # Counted from the host copy: document lengths on the device would cost a sync per micro-batch.
-        pairs = attention_pairs(host_batch["segment_ids"], self.per_document_attention)
+        pairs = attention_pairs(host_batch.segment_ids, self.per_document_attention)
         rows = torch.stack(
             [
                 token_loss.double().sum(1),
-                (batch["labels"] != IGNORE_INDEX).sum(1).double(),
-                (batch["segment_ids"] > 0).sum(1).double(),
+                (batch.labels != IGNORE_INDEX).sum(1).double(),
+                (batch.segment_ids > 0).sum(1).double(),
                 torch.full_like(token_loss[:, 0], token_loss.shape[1], dtype=torch.float64),
-                batch["image_mask"].sum(1).double() / self.cfg.model.connector.num_queries,
+                batch.image_mask.sum(1).double() / self.cfg.model.connector.num_queries,
                 pairs.to(token_loss.device, non_blocking=True),
             ],
             dim=1,
         )
-        which = torch.tensor([self.sources.index(s) for s in host_batch["source"]], device=rows.device)
-        return torch.zeros(len(self.sources), len(SUMS), dtype=torch.float64, device=rows.device).index_add_(
+        which = torch.tensor([self.corpora.index(name) for name in host_batch.corpora], device=rows.device)
+        return torch.zeros(len(self.corpora), len(SUMS), dtype=torch.float64, device=rows.device).index_add_(
             0, which, rows
         )
 
@@ -211,7 +212,7 @@ class Trainer:
             "memory_gb": round(peak_memory_gb(self.env.device), 3),
             "tokens_seen": self.state.tokens_seen,
         }
-        for name, row in zip(self.sources, sums):
+        for name, row in zip(self.corpora, sums):
             record[f"loss_{name}"] = float(row[LOSS_SUM] / row[LABELLED]) if row[LABELLED] else None
             record[f"tokens_{name}"] = int(row[TOKENS])
         record["skipped_samples"] = _sum_counts(skipped for skipped, _ in counters)
@@ -240,7 +241,7 @@ class Trainer:
 
     def run(self) -> int:
         cfg, state = self.cfg, self.state
-        interval = torch.zeros(len(self.sources), len(SUMS), dtype=torch.float64, device=self.env.device)
+        interval = torch.zeros(len(self.corpora), len(SUMS), dtype=torch.float64, device=self.env.device)
         seconds = 0.0
         data = iter(self.loader)
         while state.step < cfg.train.max_steps:
