@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from kosmos.config import ConfigError
+from kosmos.data.batch import Batch
 from kosmos.data.config import CorpusConfig, DataConfig, ValidationConfig
 from kosmos.data.holdout import is_held_out
 from kosmos.data.loader import build_loader
@@ -88,30 +89,36 @@ def tiny_model(sample: Path) -> KosmosModel:
     return KosmosModel(cfg).eval()
 
 
-def direct_loss(model: KosmosModel, rows: list[dict]) -> tuple[float, int]:
+def direct_loss(model: KosmosModel, rows: list[Batch]) -> tuple[float, int]:
     """Each one-row batch on its own: the loss summed over labelled tokens, and their count."""
     total, labelled = 0.0, 0
     with torch.no_grad():
         for row in rows:
-            batch = {k: v for k, v in row.items() if k != "source"}
-            total += float(model(**batch).token_loss.double().sum())
-            labelled += int((batch["labels"] != IGNORE_INDEX).sum())
+            total += float(model(**row.inputs()).token_loss.double().sum())
+            labelled += int((row.labels != IGNORE_INDEX).sum())
     return total, labelled
 
 
-def one_row_batches(validation: ValidationSet) -> list[dict]:
+def one_row_batches(validation: ValidationSet) -> list[Batch]:
     rows = []
     for batch, counted in validation.passes:
         if not counted:
             continue
-        images = iter(batch["images"])
-        for b in range(len(batch["source"])):
-            n = int(batch["image_mask"][b].sum()) // 16
-            row = {k: batch[k][b : b + 1] for k in ("input_ids", "image_mask", "labels", "position_ids")}
-            row["segment_ids"] = batch["segment_ids"][b : b + 1]
-            row["images"] = torch.stack([next(images) for _ in range(n)]) if n else batch["images"][:0]
-            row["source"] = batch["source"][b : b + 1]
-            rows.append(row)
+        images = iter(batch.images)
+        for b in range(len(batch.corpora)):
+            n = int(batch.image_mask[b].sum()) // 16
+            one = slice(b, b + 1)
+            rows.append(
+                Batch(
+                    batch.input_ids[one],
+                    batch.image_mask[one],
+                    batch.position_ids[one],
+                    batch.segment_ids[one],
+                    images=torch.stack([next(images) for _ in range(n)]) if n else batch.images[:0],
+                    labels=batch.labels[one],
+                    corpora=batch.corpora[one],
+                )
+            )
     return rows
 
 
@@ -128,14 +135,14 @@ def test_validation_loss_is_the_direct_loss_of_the_held_out_rows_at_one_and_two_
     total, labelled = direct_loss(model, rows)
     assert record["val_labelled_tokens"] == labelled
     assert record["val_loss"] == pytest.approx(total / labelled, rel=1e-5)
-    text = direct_loss(model, [r for r in rows if r["source"] == ["text"]])
+    text = direct_loss(model, [r for r in rows if r.corpora == ("text",)])
     assert record["val_loss_text"] == pytest.approx(text[0] / text[1], rel=1e-5)
 
     # Two ranks deal the same rows between them and run as many passes each.
     halves = [ValidationSet(cfg, tokenizer, 32, 16, rank=r, world_size=2) for r in range(2)]
     assert len(halves[0].passes) == len(halves[1].passes)
     dealt = [row for half in halves for row in one_row_batches(half)]
-    assert sorted(int(r["input_ids"].sum()) for r in dealt) == sorted(int(r["input_ids"].sum()) for r in rows)
+    assert sorted(int(r.input_ids.sum()) for r in dealt) == sorted(int(r.input_ids.sum()) for r in rows)
     parts = [direct_loss(model, one_row_batches(half)) for half in halves]
     assert sum(p[0] for p in parts) / sum(p[1] for p in parts) == pytest.approx(record["val_loss"], rel=1e-5)
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from kosmos.config import ConfigError
+from kosmos.data.batch import Batch
 from kosmos.data.config import DataConfig
 from kosmos.data.decode import SPLITTABLE_KINDS
 from kosmos.data.holdout import EpochEnd, Holdout
@@ -74,9 +75,9 @@ class ValidationSet:
                 pass
         return rows
 
-    def _build(self) -> list[tuple[dict, bool]]:
+    def _build(self) -> list[tuple[Batch, bool]]:
         size = self.cfg.micro_batch_size
-        mine: list[dict] = []
+        mine: list[Batch] = []
         most = 0  # rank 0's passes: it holds the most rows of every corpus
         filler = None
         for corpus in self.corpora:
@@ -105,12 +106,12 @@ class ValidationSet:
         try:
             with torch.no_grad():
                 for batch, counted in self.passes:
-                    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "source"}
-                    token_loss = engine(**inputs).token_loss
+                    on_device = batch.to(device, non_blocking=True)
+                    token_loss = engine(**on_device.inputs()).token_loss
                     if counted:
-                        row = self.names.index(batch["source"][0])
+                        row = self.names.index(batch.corpora[0])
                         sums[row, 0] += token_loss.double().sum()
-                        sums[row, 1] += (inputs["labels"] != IGNORE_INDEX).sum()
+                        sums[row, 1] += (on_device.labels != IGNORE_INDEX).sum()
         finally:
             engine.train()
             set_rng_state(saved)
