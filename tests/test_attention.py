@@ -47,7 +47,7 @@ def test_packed_batch_has_many_documents_padding_and_images(tiny_config):
 def test_packed_batches_of_any_seed_hold_only_documents_that_can_be_made(tiny_config):
     for seed in range(12):  # short text documents were drawn 2 positions long in about a third of seeds
         batch = synthetic_packed_batch(tiny_config, rows=2, seq_len=160, seed=seed, spread=4)
-        assert batch["input_ids"].shape == (2, 160)
+        assert batch.input_ids.shape == (2, 160)
 
 
 def test_documents_backend_trains_like_the_dense_mask(tiny_config):
@@ -221,7 +221,7 @@ def test_varlen_kernels_called_as_they_require_train_like_the_dense_mask(
     reference = KosmosModel(dataclasses.replace(cfg, attention="sdpa")).bfloat16().train()
     other = _twin(reference, backend).bfloat16()
     batch = synthetic_packed_batch(cfg, rows=2, seq_len=128)
-    batch["images"] = batch["images"].bfloat16()
+    batch.images = batch.images.bfloat16()
     logits, _, grads = _logits_and_grads(other, batch)
     ref_logits, _, ref_grads = _logits_and_grads(reference, batch)
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=5e-2, rtol=5e-2)
@@ -334,7 +334,7 @@ def test_gradient_check_ignores_key_biases_whose_gradient_is_rounding_noise(tiny
     must not fail the check on it."""
     reference = KosmosModel(dataclasses.replace(tiny_config, attention="sdpa")).bfloat16().train()
     batch = synthetic_packed_batch(tiny_config, rows=2, seq_len=96)
-    batch["images"] = batch["images"].bfloat16()
+    batch.images = batch.images.bfloat16()
     _, _, grads = _logits_and_grads(reference, batch)
     noisy = dict(grads)
     for name in [n for n in grads if n.endswith("k_proj.bias")]:

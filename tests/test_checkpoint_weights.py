@@ -79,7 +79,7 @@ def shard_weights(folder: Path) -> dict[str, torch.Tensor]:
 def logits(model: KosmosModel) -> torch.Tensor:
     batch = synthetic_batch(model.cfg, rows=2, seq_len=48, images_per_row=1)
     with torch.no_grad():
-        return model(batch["input_ids"], batch["image_mask"], batch["images"]).logits
+        return model(batch.input_ids, batch.image_mask, batch.images).logits
 
 
 def forbid_shards(monkeypatch) -> None:

@@ -274,8 +274,8 @@ def sequence_log_likelihood(
     if not greedy:
         return scores
     # The logits are those of the labelled positions, in row order.
-    flat = labels.flatten()
+    flat = batch.labels.flatten()
     labelled = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     missed = (out.logits.argmax(-1) != flat[labelled]).long()
-    rows = labelled // labels.shape[1]
+    rows = labelled // batch.labels.shape[1]
     return scores, torch.zeros(len(sequences), dtype=torch.long, device=device).index_add(0, rows, missed) == 0
