@@ -28,6 +28,7 @@ AREAS = (
     "kosmos.eval.cli",
     "kosmos.convert.cli",
     "kosmos.bench",
+    "kosmos.serve",
 )
 
 EXIT_FAILURE = 1

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
 
 from kosmos.cli import FP32_HELP, positive_int
+from kosmos.model.prompting import DEFAULT_MAX_NEW_TOKENS
 from kosmos.threads import configure_threads
 
 
@@ -35,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--prompt", action=_PromptPart, dest="parts", metavar="TEXT", help="prompt text (repeatable)"
     )
-    gen.add_argument("--max-new-tokens", type=positive_int, default=20)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS)
     decoding = gen.add_mutually_exclusive_group()
     decoding.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     decoding.add_argument("--beams", type=positive_int, metavar="K", help="beam search with K beams")
@@ -65,51 +64,17 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from kosmos.checkpoint import load_model_from_checkpoint
     from kosmos.config import InputError
-    from kosmos.data import image_transform
-    from kosmos.data.decode import decode_image
-    from kosmos.data.skips import SkipSample
-    from kosmos.model import generate, inference_dtype
+    from kosmos.model.prompting import Decoding, Prompter, read_image_file
 
     if not any(kind == "text" for kind, _ in args.parts):
         raise InputError("give a --prompt")
-    parts = []
-    for kind, value in args.parts:
-        if kind == "text":
-            parts.append(value)
-            continue
-        try:
-            parts.append(decode_image(Path(value).read_bytes()))
-        except OSError as error:
-            raise InputError(f"--image: cannot read {value}: {error.strerror or error}") from None
-        except SkipSample as error:
-            raise InputError(f"--image: {value} cannot be used: {error.reason.replace('_', ' ')}") from None
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # stdout is for the generated text: DeepSpeed, imported here for the first time, binds its
-    # log handler to whatever stdout is at that moment.
-    with contextlib.redirect_stdout(sys.stderr):
-        model, tokenizer, model_cfg = load_model_from_checkpoint(args.checkpoint, device)
-    model.to(inference_dtype(device, args.fp32))
+    try:
+        parts = [value if kind == "text" else read_image_file(value) for kind, value in args.parts]
+    except InputError as error:
+        raise InputError(f"--image: {error}") from None
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, beams=args.beams or 1)
+    prompter = Prompter(args.checkpoint, args.device, args.fp32)
     configure_threads()  # once the inputs are known to be good: an error stays one line
-
-    transform = image_transform(model_cfg.vision.image_size)
-    pictures = [transform(p) for p in parts if not isinstance(p, str)]
-    images = torch.stack(pictures) if pictures else None
-    prompt = tokenizer.encode_interleaved(parts, model_cfg.connector.num_queries, eos=False)
-    strategy = "beam" if args.beams else "greedy"
-    new_ids = generate(
-        model,
-        [prompt],
-        images,
-        max_new_tokens=args.max_new_tokens,
-        strategy=strategy,
-        num_beams=args.beams or 1,
-    )[0]
-    print(tokenizer.decode(new_ids))
+    print(prompter.continue_prompt(parts, decoding))
     return 0
