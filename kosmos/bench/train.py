@@ -10,6 +10,8 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from kosmos.bench.common import (
     add_common_arguments,
@@ -79,16 +81,50 @@ def bench_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    bench = set_up(args, cfg)
+    seconds = measure(bench, args)
+    if not bench.env.is_main:
+        return 0
+    columns = ["step_s", "tokens_per_s", "attention_s", "attention_share", "attention_forward_s"]
+    columns.append("mfu_language")
+    if len(bench.sides) > 1 and not bench.with_twin:
+        columns += ["step_speedup", "attention_speedup", "forward_speedup"]
+    report = train_report(bench, seconds, args)
+    print_report(report, args.json, [*columns, "first_loss"], sides=[*bench.sides, "theirs"])
+    return 0
+
+
+@dataclass
+class TrainBench:
+    """What `kosmos bench train` times, built before any of it runs."""
+
+    cfg: Any
+    env: Any  # kosmos.train.engine.DistributedEnv
+    bf16: bool
+    batch: Any  # kosmos.data.batch.Batch
+    sides: list[str]  # "ours", or each --attention backend, in the order given
+    runs: dict[str, TrainSteps]  # whole optimizer steps: each side that trains, and "theirs"
+    # "SIDE forward" for every side, "SIDE attention" for each that trains.
+    attention: dict[str, AttentionSteps]
+    resolved: dict[str, str]  # the attention backend each training side runs
+    memory: dict[str, float | None]  # peak memory after building each run's engine
+
+    @property
+    def with_twin(self) -> bool:
+        return "theirs" in self.runs
+
+
+def set_up(args: argparse.Namespace, cfg) -> TrainBench:
+    """The batch, one model per side from the same weights (and transformers' twin with --hf), and
+    their DeepSpeed engines and attention steps, warmed up."""
     import dataclasses
     import warnings
 
     import torch
 
-    from kosmos.model import KosmosModel, attention_pairs, training_flops
-    from kosmos.model.attention import CHOICES, attends_per_document, choose_backend
-    from kosmos.tokenizer import IGNORE_INDEX
+    from kosmos.model import KosmosModel
+    from kosmos.model.attention import CHOICES, choose_backend
     from kosmos.train.engine import build_engine, init_distributed, use_bf16
-    from kosmos.train.metrics import flops_utilisation, peak_flops
 
     backends = args.attention.split(",") if args.attention else [cfg.model.attention]
     unknown = [name for name in backends if name not in CHOICES]
@@ -112,45 +148,69 @@ def bench_train(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.train.seed)
     model = KosmosModel(dataclasses.replace(cfg.model, attention=backends[0]))
     twin = transformers_twin(model) if args.hf else None  # built before any update: equal weights
-    sides = {(backends[0] if args.attention else "ours"): model}
+    models = {(backends[0] if args.attention else "ours"): model}
     for backend in backends[1:]:  # all built before any update: equal weights
-        sides[backend] = KosmosModel(dataclasses.replace(cfg.model, attention=backend))
-        sides[backend].load_state_dict(model.state_dict())
-    runs, memory, attention, resolved = {}, {}, {}, {}
+        models[backend] = KosmosModel(dataclasses.replace(cfg.model, attention=backend))
+        models[backend].load_state_dict(model.state_dict())
+    bench = TrainBench(cfg, env, bf16, batch, list(models), {}, {}, {}, {})
     segments = batch.segment_ids
-    for side, ours in sides.items():
+    for side, ours in models.items():
         # The attention alone, forward only (as evaluation runs it: no dropout), and forward and backward.
         forward = choose_backend(ours.cfg.attention, device, dtype, needs_grad=False, dropout=False)
-        attention[f"{side} forward"] = AttentionSteps(cfg.model, forward, segments, dtype, args.warmup, False)
+        bench.attention[f"{side} forward"] = AttentionSteps(
+            cfg.model, forward, segments, dtype, args.warmup, backward=False
+        )
         if args.attention and not _trains(ours, device, dtype):
             continue  # a backend with a forward pass only here (FlexAttention on CPU)
         ours.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
-        resolved[side] = ours.attention_backend(device, dtype, needs_grad=True)
+        bench.resolved[side] = ours.attention_backend(device, dtype, needs_grad=True)
         if cfg.train.compile:
             ours.compile_layers()
-        runs[side] = TrainSteps(build_engine(cfg, ours, 1, bf16), batch.inputs(), args.warmup)
-        memory[side] = memory_gb(device)  # before the twin trains: ours alone
-        attention[f"{side} attention"] = AttentionSteps(
-            cfg.model, resolved[side], segments, dtype, args.warmup
+        bench.runs[side] = TrainSteps(build_engine(cfg, ours, 1, bf16), batch.inputs(), args.warmup)
+        bench.memory[side] = memory_gb(device)  # before the twin trains: ours alone
+        bench.attention[f"{side} attention"] = AttentionSteps(
+            cfg.model, bench.resolved[side], segments, dtype, args.warmup
         )
     if twin is not None:
         if cfg.deepspeed.activation_checkpointing:  # all of its layers: it has no partial setting
             twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        runs["theirs"] = TrainSteps(build_engine(cfg, twin, 1, bf16), transformers_inputs(batch), args.warmup)
+        engine = build_engine(cfg, twin, 1, bf16)
+        bench.runs["theirs"] = TrainSteps(engine, transformers_inputs(batch), args.warmup)
         # On a GPU, its peak less what ours holds; on CPU the process's peak (`ru_maxrss`) only grows.
-        memory["theirs"] = round(memory_gb(device) - resident / 2**30, 3) if device.type == "cuda" else None
-    timed_runs = {**runs, **attention}
-    with _profiler(args.profile, device):
-        seconds = alternate(timed_runs, args.steps, device)
-    torch.distributed.destroy_process_group()
-    if not env.is_main:
-        return 0
+        on_gpu = device.type == "cuda"
+        bench.memory["theirs"] = round(memory_gb(device) - resident / 2**30, 3) if on_gpu else None
+    return bench
 
+
+def measure(bench: TrainBench, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds of each timed part, `args.steps` times, the parts alternated (under the profiler with
+    --profile); the process group is left afterwards."""
+    import torch
+
+    with _profiler(args.profile, bench.env.device):
+        seconds = alternate({**bench.runs, **bench.attention}, args.steps, bench.env.device)
+    torch.distributed.destroy_process_group()
+    return seconds
+
+
+def train_report(bench: TrainBench, seconds: dict[str, list[float]], args: argparse.Namespace) -> dict:
+    """The report: the setting, then per side its step time, rates, memory, MFU and attention share,
+    and the speedups against the first side (or of ours against transformers')."""
+    import torch
+
+    from kosmos.model import attention_pairs, training_flops
+    from kosmos.model.attention import attends_per_document
+    from kosmos.tokenizer import IGNORE_INDEX
+    from kosmos.train.metrics import flops_utilisation, peak_flops
+
+    cfg, env, batch, device = bench.cfg, bench.env, bench.batch, bench.env.device
+    dtype = torch.bfloat16 if bench.bf16 else torch.float32
+    rows, seq_len, segments = cfg.data.micro_batch_size, cfg.data.seq_len, batch.segment_ids
     measured_peak = env.world_size * measure_peak_flops(device, dtype)
     # MFU against the peak the training logs use (a known GPU's spec or `logging.peak_tflops`),
     # else (a CPU) the measured one; the measured one beside it in any case.
-    logged_peak = peak_flops(cfg.logging, device, bf16)
+    logged_peak = peak_flops(cfg.logging, device, bench.bf16)
     peak = env.world_size * logged_peak if logged_peak else measured_peak
     report = {
         "benchmark": "train",
@@ -166,10 +226,10 @@ def bench_train(args: argparse.Namespace) -> int:
         "padding": round(float((segments == 0).float().mean()), 4),
         "images": len(batch.images),
         "zero_stage": cfg.deepspeed.zero_stage,
-        "bf16": bf16,
+        "bf16": bench.bf16,
         "activation_checkpointing": cfg.deepspeed.activation_checkpointing,
         "compile": cfg.train.compile,
-        "attention": resolved.get("ours", cfg.model.attention),
+        "attention": bench.resolved.get("ours", cfg.model.attention),
         "steps": args.steps,
         "mfu_peak": "spec (the training logs')" if logged_peak else "measured",
         "peak_tflops": round(peak / env.world_size / 1e12, 4),
@@ -182,16 +242,16 @@ def bench_train(args: argparse.Namespace) -> int:
 
     def flops(side: str) -> dict[str, float]:
         """The FLOPs of one step as the training logs count them, for the attention `side` runs."""
-        per_document = side in resolved and attends_per_document(resolved[side])
+        per_document = side in bench.resolved and attends_per_document(bench.resolved[side])
         pairs = env.world_size * float(attention_pairs(segments, per_document).sum())
         return training_flops(cfg.model, positions, labelled, images, pairs)
 
-    for side in sides:
+    for side in bench.sides:
         report[side] = {
-            "backend": resolved.get(side, "forward only"),
+            "backend": bench.resolved.get(side, "forward only"),
             "attention_forward_s": round(statistics.median(seconds[f"{side} forward"]), 4),
         }
-    for side, run in runs.items():
+    for side, run in bench.runs.items():
         times = seconds[side]
         step_s = statistics.median(times)
         mfu = flops_utilisation(flops(side), step_s, peak)
@@ -203,42 +263,35 @@ def bench_train(args: argparse.Namespace) -> int:
                 "tokens_per_s": round(positions / step_s, 1),
                 "samples_per_s": round(env.world_size * rows / step_s, 3),
                 "images_per_s": round(images / step_s, 3),
-                "peak_memory_gb": memory[side],
+                "peak_memory_gb": bench.memory[side],
                 "mfu_language": round(mfu["language"], 4),
                 "mfu_vision": round(mfu["vision"], 4),
                 "mfu_measured_peak": round(measured["language"] + measured["vision"], 4),
                 "first_loss": round(run.first_loss, 5),
             }
         )
-        if side in resolved:
+        if side in bench.resolved:
             attention_s = statistics.median(seconds[f"{side} attention"])
             report[side]["attention_s"] = round(attention_s, 4)
             report[side]["attention_share"] = round(attention_s / step_s, 3)
-    reference = next(iter(sides))
-    if twin is not None:
+    _add_speedups(report, bench)
+    return report
+
+
+def _add_speedups(report: dict, bench: TrainBench) -> None:
+    """Ours against transformers' twin; or each backend against the first listed: the whole step, its
+    attention, the attention's forward."""
+    if bench.with_twin:
         report["speedup"] = round(report["theirs"]["step_s"] / report["ours"]["step_s"], 3)
-    elif len(sides) > 1:
-        # Against the first backend listed: the whole step, its attention, the attention's forward.
-        first = report[reference]
-        for side in list(sides)[1:]:
-            this = report[side]
-            if side in runs and reference in runs:
-                this["step_speedup"] = round(first["step_s"] / this["step_s"], 3)
-                this["attention_speedup"] = round(first["attention_s"] / this["attention_s"], 3)
-            this["forward_speedup"] = round(first["attention_forward_s"] / this["attention_forward_s"], 3)
-    columns = [
-        "step_s",
-        "tokens_per_s",
-        "attention_s",
-        "attention_share",
-        "attention_forward_s",
-        "mfu_language",
-    ]
-    extra = (
-        ["step_speedup", "attention_speedup", "forward_speedup"] if len(sides) > 1 and twin is None else []
-    )
-    print_report(report, args.json, [*columns, *extra, "first_loss"], sides=[*sides, "theirs"])
-    return 0
+        return
+    reference, *others = bench.sides
+    first = report[reference]
+    for side in others:
+        this = report[side]
+        if side in bench.runs and reference in bench.runs:
+            this["step_speedup"] = round(first["step_s"] / this["step_s"], 3)
+            this["attention_speedup"] = round(first["attention_s"] / this["attention_s"], 3)
+        this["forward_speedup"] = round(first["attention_forward_s"] / this["attention_forward_s"], 3)
 
 
 def _rows(args: argparse.Namespace) -> str:
