@@ -78,3 +78,15 @@ def test_the_wheel_trains_and_finds_its_configs_from_another_folder(installed, t
     short = ["train.max_steps=2", "checkpoint.interval=2", "data.num_workers=0", "logging.progress_bar=false"]
     run([installed / "kosmos", "train", "--config", config, "--run-dir", "run", *inputs, *short], tmp_path)
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.slow
+def test_the_wheel_declares_its_lmms_eval_model_and_task_files(installed, tmp_path):
+    probe = (
+        "import importlib.metadata as md, pathlib, kosmos.configs as c; "
+        "print([e.value for e in md.entry_points(group='lmms_eval.models') if e.name == 'kosmos']); "
+        "print(sorted(p.name for p in (pathlib.Path(c.__file__).parent / 'lmms').iterdir() if p.is_file()))"
+    )
+    entry, files = run([installed / "python", "-c", probe], tmp_path).stdout.splitlines()
+    assert "kosmos.eval.lmms_model:manifest" in entry
+    assert files == "['kosmos_caption.yaml', 'kosmos_vqa.yaml', 'utils.py']"
