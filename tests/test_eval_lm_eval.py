@@ -89,7 +89,7 @@ def test_multiple_choice_ranks_as_our_harness_does(setup, monkeypatch):
     tmp_path, data, backend = setup
     # Through the registry by name, as `--model kosmos --model_args checkpoint=...` does.
     monkeypatch.setattr(
-        lm_eval_model, "load_for_eval", lambda path, device: (backend.model, backend.tokenizer, None)
+        "kosmos.eval.backend.load_for_eval", lambda path, device: (backend.model, backend.tokenizer, None)
     )
     out = run_lm_eval(tmp_path, "kosmos", ["kosmos_size_mc"])
     lm_scores = {

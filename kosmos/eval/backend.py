@@ -166,3 +166,13 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu", dtype: t
     except CheckpointError as error:
         raise ConfigError(f"--checkpoint: {error}") from None
     return model.to(dtype), tokenizer, model_cfg
+
+
+def harness_backend(checkpoint: str | None, device: str | None, batch_size: int | str | None) -> ModelBackend:
+    """The backend the lm-eval and lmms-eval models run (`--model_args checkpoint=...`); their
+    `--batch_size` comes as given, a number or "auto" (taken as 8)."""
+    if checkpoint is None:
+        raise ValueError("--model_args checkpoint=RUN_OR_CHECKPOINT is required for --model kosmos")
+    model, tokenizer, _ = load_for_eval(checkpoint, device or "cpu")
+    auto = batch_size is None or str(batch_size).startswith("auto")
+    return ModelBackend(model, tokenizer, 8 if auto else int(batch_size))

@@ -27,19 +27,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from kosmos.eval.backend import ModelBackend, load_for_eval
+from kosmos.eval.backend import ModelBackend, harness_backend
 from kosmos.eval.tasks import DecodingConfig
 from kosmos.tokenizer import BOS, Encoded
 
-DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
-
-
-def _batch_size(value) -> int:
-    """lm-eval passes `--batch_size` through as given: a number, or "auto" (taken as the default)."""
-    if value is None or str(value).startswith("auto"):
-        return DEFAULT_BATCH_SIZE
-    return int(value)
 
 
 @register_model("kosmos")
@@ -54,12 +46,7 @@ class KosmosLM(LM):
         **_: object,
     ):
         super().__init__()
-        if backend is None:
-            if checkpoint is None:
-                raise ValueError("--model_args checkpoint=RUN_OR_CHECKPOINT is required for --model kosmos")
-            model, tokenizer, _cfg = load_for_eval(checkpoint, device or "cpu")
-            backend = ModelBackend(model, tokenizer, _batch_size(batch_size))
-        self.backend = backend
+        self.backend = backend or harness_backend(checkpoint, device, batch_size)
 
     @property
     def tokenizer_name(self) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from kosmos.eval.backend import ModelBackend, load_for_eval
+from kosmos.eval.backend import ModelBackend, harness_backend
 from kosmos.eval.prompts import DEMO_END, Prompt
 from kosmos.eval.tasks import DecodingConfig
 
@@ -82,17 +82,12 @@ class KosmosLMMS(lmms):
         self,
         checkpoint: str | None = None,
         device: str | None = None,
-        batch_size: int | str = 8,
+        batch_size: int | str | None = None,
         backend: ModelBackend | None = None,
         **_: object,
     ):
         super().__init__()
-        if backend is None:
-            if checkpoint is None:
-                raise ValueError("--model_args checkpoint=RUN_OR_CHECKPOINT is required for --model kosmos")
-            model, tokenizer, _cfg = load_for_eval(checkpoint, device or "cpu")
-            backend = ModelBackend(model, tokenizer, int(batch_size))
-        self.backend = backend
+        self.backend = backend or harness_backend(checkpoint, device, batch_size)
 
     # --- requests to prompts ------------------------------------------------------------------------
 
