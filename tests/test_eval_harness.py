@@ -182,6 +182,9 @@ def test_plot_of_one_shot_count_spans_the_percent_scale(value):
     assert axes.get_xlim() == (0.0, 100.0)
     [bars_a, bars_b] = axes.patches
     assert bars_a.get_width() == value and bars_b.get_width() == 50.0
+    # Each bar is labelled with its value, a zero one too, right of its whisker.
+    labels = {text.get_text(): text.xy[0] for text in axes.texts}
+    assert labels == {f"{value:.1f}": value, "50.0": 60.0}
     # The error bar of b spans its confidence interval.
     segments = next(c for c in axes.collections if len(c.get_segments())).get_segments()
     assert [tuple(point[0] for point in segment) for segment in segments][1] == (40.0, 60.0)
@@ -391,3 +394,33 @@ def test_samples_are_sharded_over_ranks_and_gathered_on_rank_zero(setup):
 def test_more_shots_than_demonstrations_stop_before_the_model_loads(setup):
     with pytest.raises(ConfigError, match=r"10000 demonstrations asked for but the demo pool has \d+"):
         prepare_tasks(options(setup, shots=[0, 10_000]))
+
+
+def test_limit_draws_across_the_answers():
+    from kosmos.eval.datasets import Sample
+    from kosmos.eval.harness import spread
+
+    # Sorted by class, as a class-folder task reads: the first 10 hold two classes of ten.
+    samples = [
+        Sample(id=f"{c}-{i}", choices=[str(k) for k in range(10)], answer=c)
+        for c in range(10)
+        for i in range(5)
+    ]
+    drawn = spread(samples, 10, seed=0)
+    assert sorted(s.answer for s in drawn) == list(range(10))
+    assert drawn == sorted(drawn, key=samples.index)  # in the file's order
+    assert spread(samples, 10, seed=0) == drawn and spread(samples, 10, seed=1) != drawn
+    assert len({s.answer for s in spread(samples, 25, seed=3)}) == 10 and len(spread(samples, 99, 0)) == 50
+    assert {s.answer for s in samples[:10]} == {0, 1}
+
+
+def test_list_tasks_names_every_task_with_its_kind_and_metrics(capsys):
+    from kosmos.cli import main
+    from kosmos.eval.tasks import list_tasks
+
+    assert main(["eval", "--list-tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_tasks()
+    assert any(line.split()[:2] == ["digits_vqa", "generate"] and "vqa_accuracy" in line for line in lines)
+    assert main(["eval", "--tasks", "digits_vqa"]) == 2
+    assert "--checkpoint, --out: required (or --list-tasks)" in capsys.readouterr().err

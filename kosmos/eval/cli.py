@@ -32,16 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "writes the results.",
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint folder"
+        "--list-tasks", action="store_true", help="list the tasks of --task-dir (kind, format, metrics) and exit"
     )
-    parser.add_argument(
-        "--tasks",
-        required=True,
-        help="comma-separated task names (NAME.yaml in --task-dir) or YAML paths",
-    )
-    parser.add_argument(
-        "--out", required=True, type=Path, help="output folder; a rerun continues from its cache"
-    )
+    # Required unless --list-tasks (checked by the handler).
+    parser.add_argument("--checkpoint", help="run folder (its latest checkpoint) or checkpoint folder")
+    parser.add_argument("--tasks", help="comma-separated task names (NAME.yaml in --task-dir) or YAML paths")
+    parser.add_argument("--out", type=Path, help="output folder; a rerun continues from its cache")
     parser.add_argument(
         "--shots", type=_int_list, default=[0], help="demonstration counts, e.g. 0,4,8 (default 0)"
     )
@@ -54,7 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--trials", type=positive_int, default=1, help="repeats with different random demonstrations"
     )
-    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N samples of each task")
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        help="evaluate N samples of each task, drawn with --seed as evenly as they allow over the answers "
+        "(classes)",
+    )
+    parser.add_argument("--limit-first", action="store_true", help="with --limit: the first N samples instead")
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="prompts per forward pass and rank"
     )
@@ -80,7 +82,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_mmcot(subparsers)
 
 
+def _list_tasks(task_dir: Path | None) -> int:
+    from kosmos.eval.tasks import list_tasks, load_task
+
+    for name in list_tasks(task_dir):
+        task = load_task(name, task_dir)
+        shots = "few-shot" if task.few_shot else "zero-shot"
+        print(f"{name:<24} {task.kind:<13} {task.data.format:<16} {shots:<9} {', '.join(task.metrics)}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.list_tasks:
+        return _list_tasks(args.task_dir)
+    missing = [f"--{name}" for name in ("checkpoint", "tasks", "out") if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required (or --list-tasks)")
     from kosmos.config import to_dict
     from kosmos.distributed import local_device
     from kosmos.eval.backend import ModelBackend, load_for_eval
@@ -96,6 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
         demos=args.demos,
         trials=args.trials,
         limit=args.limit,
+        limit_first=args.limit_first,
         batch_size=args.batch_size,
         data_root=args.data_root,
         task_dir=args.task_dir,

@@ -47,6 +47,8 @@ class EvalOptions:
     demos: str = "random"
     trials: int = 1
     limit: int | None = None
+    # With `limit`: the first N samples, rather than N drawn (seeded) across the answers.
+    limit_first: bool = False
     batch_size: int = 8
     data_root: Path = Path(".")
     task_dir: Path | None = None
@@ -63,6 +65,8 @@ class EvalOptions:
             raise ConfigError("--trials and --batch-size must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be >= 1")
+        if self.limit_first and self.limit is None:
+            raise ConfigError("--limit-first: only with --limit N")
 
 
 @dataclass
@@ -120,12 +124,36 @@ def prepare_tasks(options: EvalOptions) -> list[PreparedTask]:
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
         if options.limit is not None:
-            samples = samples[: options.limit]
+            samples = samples[: options.limit] if options.limit_first else spread(samples, options.limit, options.seed)
         for shots in options.shots if pool is not None else ():
             if shots:
                 check_demos(options.demos, pool, samples, shots, str(path))
         prepared.append(PreparedTask(path, task, samples, pool, data_files(task, options.data_root)))
     return prepared
+
+
+def spread(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """`limit` samples drawn with `seed` as evenly as they allow over the samples' answers (classes),
+    in their original order: the first N of a file sorted by class would hold a few classes only."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(_answer(sample), []).append(i)
+    queues = [list(rng.permutation(members)) for members in groups.values()]
+    order = rng.permutation(len(queues))
+    chosen: list[int] = []
+    while len(chosen) < min(limit, len(samples)):
+        for q in order:  # one from each answer in turn, while it has any left
+            if queues[q] and len(chosen) < limit:
+                chosen.append(int(queues[q].pop()))
+    return [samples[i] for i in sorted(chosen)]
+
+
+def _answer(sample: Sample) -> str:
+    try:
+        return sample.target
+    except ValueError:  # nothing to group by (e.g. Raven's candidate images): one group
+        return ""
 
 
 def plan_runs(tasks: Sequence[PreparedTask], options: EvalOptions) -> list[Run]:
@@ -335,6 +363,7 @@ def write_results(
             "demos": options.demos,
             "trials": options.trials,
             "limit": options.limit,
+            "limit_first": options.limit_first,
             "seed": options.seed,
             "confidence": options.confidence,
         },

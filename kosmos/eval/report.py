@@ -22,6 +22,12 @@ def _interval(entry: dict) -> str:
     return "" if not entry.get("ci") else f"[{entry['ci'][0]:.2f}, {entry['ci'][1]:.2f}]"
 
 
+def _limited(options: dict) -> str:
+    if options.get("limit_first"):
+        return f", first {options['limit']} samples per task"
+    return f", {options['limit']} samples per task drawn with seed {options['seed']}, spread over the answers"
+
+
 def _checkpoint_line(checkpoint: dict | None) -> str:
     if not checkpoint:
         return "Checkpoint: not given"
@@ -71,9 +77,16 @@ def score_figure(summary: list[dict], title: str, confidence: int):
     if len(shots) == 1:
         labels = list(lines)
         entries = [lines[label][0] for label in labels]
-        axes.barh(
+        bars = axes.barh(
             labels, [e["value"] for e in entries], xerr=_error_bars(entries), capsize=4, color="tab:blue"
         )
+        # Each bar says its value, beyond its interval's whisker: a score of 0 has no bar to see.
+        tops = [e["ci"][1] if e.get("ci") else e["value"] for e in entries]
+        for bar, entry, top in zip(bars, entries, tops):
+            axes.annotate(
+                f"{entry['value']:.1f}", (top, bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
+                textcoords="offset points", va="center", fontsize="small",
+            )  # fmt: skip
         axes.invert_yaxis()
         axes.set_xlabel(f"score ({UNIT}), {confidence}% CI")
         axes.set_title(f"{title}: {shots[0]}-shot")
@@ -88,6 +101,11 @@ def score_figure(summary: list[dict], title: str, confidence: int):
                 capsize=3,
                 label=label,
             )
+            for e in entries:
+                axes.annotate(
+                    f"{e['value']:.1f}", (e["shots"], e["value"]), xytext=(5, 4), textcoords="offset points",
+                    fontsize="small",
+                )  # fmt: skip
         axes.set_xlabel("shots")
         axes.set_xticks(shots)
         axes.set_ylabel(f"score ({UNIT}), {confidence}% CI")
@@ -125,7 +143,7 @@ def write_report(results: dict, out: Path) -> Path:
         "",
         _checkpoint_line(results["checkpoint"]) + "  ",
         f"Demonstrations: {options['demos']}, seed {options['seed']}"
-        + (f", first {options['limit']} samples per task" if options["limit"] else "")
+        + (_limited(options) if options["limit"] else "")
         + "  ",
         (
             f"Scores: {UNITS}. The interval is the {confidence}% percentile bootstrap interval of the mean "
