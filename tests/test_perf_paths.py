@@ -1,6 +1,7 @@
 """The optimised paths give what the plain ones give (up to fp32 rounding), and the benchmark commands
 run. Nothing here is timed: speed is measured with `kosmos bench`, never asserted."""
 
+import collections
 import dataclasses
 import json
 import os
@@ -166,6 +167,43 @@ def test_transformers_twin_gives_our_loss(tiny_config):
     torch.testing.assert_close(
         model(**batch.inputs()).loss, twin(**transformers_inputs(batch)).loss, atol=1e-5, rtol=1e-5
     )
+
+
+def test_beam_search_equals_transformers(tokenizer, tiny_config):
+    """The captioning protocol's decoding (beams, one prompt over many images) against transformers'
+    `generate(num_beams=...)` on the same weights: the same captions, with beams that end early and
+    beams cut at the limit."""
+    pytest.importorskip("transformers")
+    from kosmos.bench.common import transformers_inputs, transformers_twin
+
+    model = KosmosModel(tiny_config).eval()
+    with torch.no_grad():  # distinct, confident logits: a random model's are nearly uniform
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    twin = transformers_twin(model).eval()
+    prompt = tokenizer.encode_interleaved([IMAGE, "An image of"], tiny_config.connector.num_queries, eos=False)
+    prompts = [prompt] * 6  # one prompt: no padding, which transformers' Kosmos-2 counts into positions
+    images = torch.randn(len(prompts), 3, tiny_config.vision.image_size, tiny_config.vision.image_size)
+    new_tokens, beams = 10, 3
+    # An end-of-sequence id the beams meet (a random model hardly ever writes </s>): its commonest token.
+    greedy = generate(model, prompts, images, max_new_tokens=new_tokens, eos_id=-1)
+    eos = collections.Counter(t for row in greedy for t in row[1:]).most_common(1)[0][0]
+    expected = generate(
+        model, prompts, images, max_new_tokens=new_tokens, strategy="beam", num_beams=beams, eos_id=eos
+    )
+    output = twin.generate(
+        **transformers_inputs(pad_batch(prompts, "left", images=images)),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=beams,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_id,
+        length_penalty=1.0,
+        early_stopping=False,
+    )
+    rows = [row[len(prompt) :] for row in output.tolist()]
+    assert [row[: row.index(eos)] if eos in row else row for row in rows] == expected
+    assert any(len(row) < new_tokens for row in expected) and any(len(row) == new_tokens for row in expected)
 
 
 def test_memory_searches():

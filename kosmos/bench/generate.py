@@ -1,5 +1,5 @@
-"""`kosmos bench generate`: greedy decoding with a KV cache, ours and optionally transformers'
-Kosmos-2 alternated; `--compile` compiles the decoding steps of both sides alike."""
+"""`kosmos bench generate`: greedy decoding with a KV cache, or beam search (`--beams`), ours and
+optionally transformers' Kosmos-2 alternated; `--compile` compiles the decoding steps of both sides alike."""
 
 from __future__ import annotations
 
@@ -24,11 +24,17 @@ NEVER = -1  # an end-of-sequence id no token has: benchmarked generations run th
 
 
 def register(benches: argparse._SubParsersAction) -> None:
-    generate = benches.add_parser("generate", help="greedy decoding with a KV cache")
+    generate = benches.add_parser("generate", help="greedy decoding or beam search with a KV cache")
     add_common_arguments(generate, steps=5, warmup=1)
     generate.add_argument("--batch", type=positive_int, default=1, help="prompts decoded together (default 1)")
     generate.add_argument("--prompt-tokens", type=positive_int, default=16, help="text tokens after the image")
     generate.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated (default 64)")
+    generate.add_argument(
+        "--beams",
+        type=positive_int,
+        help="beam search with this many beams, stopping at </s> as evaluation does (captioning: 5 beams, "
+        "30 new tokens); without it, greedy decoding of exactly --new-tokens",
+    )
     generate.add_argument(
         "--compile",
         action="store_true",
@@ -42,7 +48,7 @@ def bench_generate(args: argparse.Namespace) -> int:
 
     from kosmos.model import KosmosModel, generate
     from kosmos.model.kosmos import compile_for_decoding
-    from kosmos.tokenizer import Encoded
+    from kosmos.tokenizer import EOS, PAD, Encoded
     from kosmos.train.engine import use_bf16
 
     cfg = load_bench_config(args.config, args.overrides)
@@ -59,23 +65,30 @@ def bench_generate(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.train.seed)
     model = KosmosModel(cfg.model).eval()
+    # Greedy decodes its full length; beams stop at </s> and by transformers' rule (early_stopping=False).
+    decoding = {"strategy": "beam", "num_beams": args.beams, "eos_id": EOS} if args.beams else {"eos_id": NEVER}
     runs = {
         "ours": lambda: generate(
-            model, prompts, images, max_new_tokens=args.new_tokens, eos_id=NEVER, compile=args.compile
+            model, prompts, images, max_new_tokens=args.new_tokens, compile=args.compile, **decoding
         )
     }
     if args.hf:
         from kosmos.model import pad_batch
 
         twin = transformers_twin(model).to(device, dtype).eval()
-        twin.generation_config.eos_token_id = None  # decode the full length, as ours does here
+        twin.generation_config.eos_token_id = EOS if args.beams else None
+        twin.generation_config.pad_token_id = PAD
+        search = {"num_beams": args.beams or 1}
+        if args.beams:
+            search.update(length_penalty=1.0, early_stopping=False)
         if args.compile:  # Kosmos-2's generate runs its text model, compiled here as ours is
             twin.text_model.forward = compile_for_decoding(twin.text_model.forward, device.type)
         inputs = transformers_inputs(pad_batch(prompts, "left", device, images))
 
         def theirs() -> list[list[int]]:
-            out = twin.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, num_beams=1)
-            return out[:, inputs["input_ids"].shape[1] :].tolist()
+            out = twin.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, **search)
+            rows = out[:, inputs["input_ids"].shape[1] :].tolist()
+            return [row[: row.index(EOS)] if args.beams and EOS in row else row for row in rows]
 
         runs["theirs"] = theirs
     model.to(device, dtype)
@@ -95,6 +108,7 @@ def bench_generate(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "prompt_length": length - 1,
         "new_tokens": args.new_tokens,
+        "beams": args.beams,
         "compile": args.compile,
         "runs": args.steps,
     }

@@ -8,6 +8,7 @@ would alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
@@ -180,11 +181,15 @@ def _beam_search(
     model, prompts, images, max_new_tokens, num_beams, length_penalty, eos_id, device, use_cache, compile
 ):
     k = num_beams
-    rows = [p for p in prompts for _ in range(k)]
-    padded = pad_batch(rows, "left", device, _images_for_rows(prompts, images, k))
-    decoder = _Decoder(model, padded, use_cache, max_new_tokens, compile)
-    logits = decoder.first()
     batch = len(prompts)
+    decoder = _Decoder(model, pad_batch(prompts, "left", device, images), use_cache, max_new_tokens, compile)
+    # One forward per prompt, its images included; its k beams start from copies of it.
+    logits = decoder.first()
+    per_prompt = torch.arange(batch, device=device).repeat_interleave(k)
+    decoder.reorder(per_prompt)
+    # Re-reading the rows (no cache) needs each beam's images.
+    decoder.batch = dataclasses.replace(decoder.batch, images=_images_for_rows(prompts, images, k))
+    logits = logits.index_select(0, per_prompt)
     beam_scores = torch.full((batch, k), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     beam_tokens: list[list[int]] = [[] for _ in range(batch * k)]
@@ -215,8 +220,10 @@ def _beam_search(
                 chosen += 1
                 if chosen == k:
                     break
+            # Done when the best live beam, scored at its present length, does no better than the
+            # k-th best finished one (transformers' beam search with `early_stopping=False`).
             best_alive = next_scores[b].max().item() / (step + 1) ** length_penalty
-            if len(finished[b]) >= k and max(s for s, _ in finished[b]) >= best_alive:
+            if len(finished[b]) >= k and sorted(s for s, _ in finished[b])[-k] >= best_alive:
                 done[b] = True
         flat_rows = next_rows.view(-1)
         beam_tokens = [beam_tokens[r] + [t] for r, t in zip(flat_rows.tolist(), next_tokens.view(-1).tolist())]
