@@ -33,9 +33,9 @@ def lmms_model():
 def write_data(folder):
     (folder / "images").mkdir()
     captions, questions = [], []
-    for n in range(4):
+    for n in range(5):
         Image.new("RGB", (24, 24), (60 * n, 200 - 40 * n, 90)).save(folder / "images" / f"{n}.png")
-        split = "demo" if n == 3 else "test"
+        split = "demo" if n >= 3 else "test"
         captions.append(
             {"id": f"c{n}", "image": f"images/{n}.png", "split": split, "captions": [f"a digit {n}"] * 3}
         )
@@ -59,6 +59,7 @@ def kosmos_task(folder, name, annotations, query, decoding, metrics):
             "format": "jsonl",
             "root": str(folder),
             "eval": {"annotations": annotations, "splits": ["test"]},
+            "demos": {"annotations": annotations, "splits": ["demo"]},
         },
         "prompt": {"query": query},
         "decoding": decoding,
@@ -67,55 +68,65 @@ def kosmos_task(folder, name, annotations, query, decoding, metrics):
     (folder / "tasks" / f"{name}.yaml").write_text(json.dumps(task))
 
 
-def test_lmms_eval_reproduces_kosmos_eval(lmms_model, tmp_path, monkeypatch, tokenizer, tiny_config):
+@pytest.mark.parametrize("shots", [0, 2])
+def test_lmms_eval_reproduces_kosmos_eval(lmms_model, shots, tmp_path, monkeypatch, tokenizer, tiny_config):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     write_data(tmp_path)
     backend = ModelBackend(KosmosModel(tiny_config).eval(), tokenizer, batch_size=3)
+    # A few-shot variant of a repository task file, as a user writes one.
+    (tmp_path / "lmms_tasks").mkdir()
+    for name in ("kosmos_caption", "kosmos_vqa"):
+        variant = {
+            "include": str(lmms_model.TASK_DIR / f"{name}.yaml"),
+            "task": f"{name}_{shots}shot",
+            "lmms_eval_specific_kwargs": {"default": {"shots": shots, "seed": 0}},
+        }
+        (tmp_path / "lmms_tasks" / f"{name}_{shots}shot.yaml").write_text(json.dumps(variant))
     monkeypatch.chdir(tmp_path)  # the task files read their data from where lmms-eval runs
     out = simple_evaluate(
         model=lmms_model.KosmosLMMS(backend=backend),
-        tasks=["kosmos_caption", "kosmos_vqa"],
-        task_manager=TaskManager(include_path=str(lmms_model.TASK_DIR), include_defaults=False),
+        tasks=[f"kosmos_caption_{shots}shot", f"kosmos_vqa_{shots}shot"],
+        task_manager=TaskManager(
+            include_path=[str(lmms_model.TASK_DIR), str(tmp_path / "lmms_tasks")], include_defaults=False
+        ),
         gen_kwargs="max_new_tokens=6",
         bootstrap_iters=0,
         log_samples=True,
     )
     (tmp_path / "tasks").mkdir()
-    kosmos_task(
-        tmp_path,
-        "cap",
-        "captioning.jsonl",
-        "{image}An image of",
-        {"strategy": "beam", "num_beams": 5, "max_new_tokens": 6},
-        ["cider", "rouge_l"],
+    beam = {"strategy": "beam", "num_beams": 5, "max_new_tokens": 6}
+    kosmos_task(tmp_path, "cap", "captioning.jsonl", "{image}An image of", beam, ["cider", "rouge_l"])
+    greedy = {"strategy": "greedy", "max_new_tokens": 6}
+    kosmos_task(tmp_path, "vqa", "vqa.jsonl", "{image}Question: {question} Answer:", greedy, ["vqa_accuracy"])
+    options = EvalOptions(
+        tasks=["cap", "vqa"],
+        out=tmp_path / "out",
+        task_dir=tmp_path / "tasks",
+        shots=[shots],
+        demos="random",
+        bootstrap_resamples=10,
     )
-    kosmos_task(
-        tmp_path,
-        "vqa",
-        "vqa.jsonl",
-        "{image}Question: {question} Answer:",
-        {"strategy": "greedy", "max_new_tokens": 6},
-        ["vqa_accuracy"],
-    )
-    ours = evaluate(
-        backend,
-        EvalOptions(
-            tasks=["cap", "vqa"], out=tmp_path / "out", task_dir=tmp_path / "tasks", bootstrap_resamples=10
-        ),
-    )
+    ours = evaluate(backend, options)
     values = {(e["task"], e["metric"]): e["value"] for e in ours["summary"]}
     results = out["results"]
-    assert results["kosmos_caption"]["cider,none"] == pytest.approx(values[("cap", "cider")])
-    assert results["kosmos_caption"]["rouge_l,none"] == pytest.approx(values[("cap", "rouge_l")])
-    assert results["kosmos_vqa"]["vqa_accuracy,none"] == pytest.approx(values[("vqa", "vqa_accuracy")])
-    for task, run in (("kosmos_caption", "cap"), ("kosmos_vqa", "vqa")):
+    caption, vqa = results[f"kosmos_caption_{shots}shot"], results[f"kosmos_vqa_{shots}shot"]
+    assert caption["cider,none"] == pytest.approx(values[("cap", "cider")])
+    assert caption["rouge_l,none"] == pytest.approx(values[("cap", "rouge_l")])
+    assert vqa["vqa_accuracy,none"] == pytest.approx(values[("vqa", "vqa_accuracy")])
+    run = "0shot" if shots == 0 else f"random/{shots}shot_trial0"
+    for task, name in ((f"kosmos_caption_{shots}shot", "cap"), (f"kosmos_vqa_{shots}shot", "vqa")):
         predictions = {s["doc"]["id"]: s["resps"][0][0] for s in out["samples"][task]}
-        records = [
-            json.loads(line) for line in (tmp_path / f"out/predictions/{run}/0shot/predictions.jsonl").open()
-        ]
+        path = tmp_path / f"out/predictions/{name}/{run}/predictions.jsonl"
+        records = [json.loads(line) for line in path.open()]
         assert predictions == {r["id"]: r["prediction"] for r in records} and len(records) == 3
+        if shots:
+            prompt = next(s for s in out["samples"][task] if s["doc"]["id"] == records[0]["id"])["arguments"]
+            assert str(prompt).count("</s>") == shots
+            # The demonstrations kosmos eval chose, with their answers.
+            shown = {"cap": "An image of a digit {}</s>", "vqa": "Answer: {}</s>"}[name]
+            assert all(shown.format(d[1:]) in str(prompt) for d in records[0]["demos"])
 
 
 def test_log_likelihood_with_images_equals_the_backends(lmms_model, tokenizer, tiny_config):
