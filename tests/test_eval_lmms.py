@@ -173,7 +173,7 @@ def test_decoding_follows_the_generation_settings(lmms_model):
     assert (greedy.strategy, greedy.stop) == ("greedy", ["Q:"])
 
 
-def test_the_entry_point_registers_the_model(lmms_model):
+def test_the_entry_point_registers_the_model(lmms_model, monkeypatch, tokenizer, tiny_config):
     from lmms_eval.models import MODEL_REGISTRY_V2, get_model
 
     entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
@@ -183,3 +183,12 @@ def test_the_entry_point_registers_the_model(lmms_model):
     manifest = getattr(__import__(module, fromlist=[function]), function)()
     MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)  # what an installed kosmos does
     assert get_model("kosmos") is lmms_model.KosmosLMMS
+    # `--model_args checkpoint=...` loads through the harness loader; `--batch_size auto` means 8.
+    model = KosmosModel(tiny_config).eval()
+    monkeypatch.setattr(
+        "kosmos.eval.backend.load_for_eval", lambda path, device: (model, tokenizer, tiny_config)
+    )
+    made = get_model("kosmos").create_from_arg_string(
+        "checkpoint=runs/tiny", {"batch_size": "auto", "device": "cpu"}
+    )
+    assert made.backend.model is model and made.backend.batch_size == 8
