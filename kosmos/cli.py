@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure gets an exit code
+        from kosmos.data.sources import scrub  # a message may hold a URL with credentials
+
         code = exit_code(error)
         if code is None or args.debug:
             traceback.print_exc()
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         else:  # several problems found together: one line each
             messages = [f"{kind}: {problem}" for problem in getattr(error, "problems", [error])]
         for message in messages:
-            print(f"kosmos {args.command}: {message}", file=sys.stderr)
+            print(f"kosmos {args.command}: {scrub(message)}", file=sys.stderr)
         return code
 
 

@@ -194,7 +194,7 @@ def test_dropped_connection_is_retried_and_tar_gz_is_read(bucket, tokenizer, tmp
 def test_a_stalled_shard_times_out_and_the_run_goes_on(bucket, tokenizer):
     with serve_http(bucket) as (url, server):
         server.stall.add("/laion/00003.tar")
-        cfg = data_config(f"{url}/laion", read_timeout_s=1)
+        cfg = data_config(f"{url}/laion", read_timeout_s=0.5, read_retry_s=1.5)
         seen, skipped = epoch_of(cfg, tokenizer, world_size=1)
     assert {name for name, _ in seen} == {"00000.tar", "00001.tar", "00002.tar"}
     assert skipped["unreadable_shard"] == SHARDS["00003.tar"][0]
@@ -262,7 +262,7 @@ def write_text_corpus(folder: Path, names: list[str], samples: int = 6) -> None:
 
 def text_config(folder: Path, world_size: int = 1, **options) -> DataConfig:
     corpus = {"kind": "text", "path": str(folder), "tokens_per_step": 128 * world_size}
-    raw = {"seq_len": 64, "micro_batch_size": 2, "num_workers": 0, "read_retries": 0, **options}
+    raw = {"seq_len": 64, "micro_batch_size": 2, "num_workers": 0, "read_retry_s": 0, **options}
     return from_dict(DataConfig, {**raw, "corpora": [corpus]}, "data")
 
 

@@ -76,7 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an index for WebDataset shards where they lie (local, s3://, gs://, https://); nothing is copied",
     )
     index.add_argument(
-        "src", nargs="+", help="shards, folders or URL prefixes of shards, or globs (.tar, .tar.gz, .tgz, .tar.zst)"
+        "src",
+        nargs="+",
+        help="shards, folders or URL prefixes of shards, or globs (.tar, .tar.gz, .tgz, .tar.zst)",
     )
     index.add_argument("--out", required=True, type=Path, help="folder to write index.json into")
     index.add_argument(
@@ -84,6 +86,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="caption",
         choices=("text", "caption", "interleaved", "instruction"),
         help="what the shards hold (default: caption, as img2dataset writes)",
+    )
+    index.add_argument(
+        "--read-retry-s",
+        type=float,
+        default=600.0,
+        help="how long transient errors of a remote read are retried, in all (default: 600)",
+    )
+    index.add_argument(
+        "--read-timeout-s",
+        type=float,
+        default=60.0,
+        help="a connection or read that gets nothing for this long fails, and is retried (default: 60)",
     )
     index.set_defaults(handler=_index)
 
@@ -140,7 +154,8 @@ def _index(args: argparse.Namespace) -> int:
     from kosmos.data import sources
     from kosmos.data.indexer import index_shards
 
-    index, origins = index_shards(args.src, args.out, args.kind)
+    options = sources.ReadOptions(retry_s=args.read_retry_s, timeout_s=args.read_timeout_s)
+    index, origins = index_shards(args.src, args.out, args.kind, options)
     print(
         f"{args.out / 'index.json'}: {index.num_samples} {args.kind} samples in {len(index.shards)} shards at "
         f"{sources.redact(index.base) if index.base else args.out} (counts: {origins['stats']} from "

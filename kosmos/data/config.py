@@ -25,7 +25,7 @@ from typing import Literal
 
 from kosmos.config import PATH, ConfigError, problems_of, raise_problems
 from kosmos.data import sources
-from kosmos.data.shards import INDEX_FILE, CorpusIndex, index_location, read_index
+from kosmos.data.shards import INDEX_FILE, CorpusIndex, read_index  # noqa: F401 - INDEX_FILE is read from here too
 
 
 def _key(prefix: str, name: str) -> str:
@@ -115,10 +115,11 @@ class DataConfig:
     # per loader process, under `cache_dir` (default: the system's temporary folder).
     cache_mb: int = 8192
     cache_dir: str | None = field(default=None, metadata=PATH)
-    # Transient read errors are retried this many times (with backoff); a shard a reader has waited
-    # on (its download included) for `read_timeout_s` seconds counts as unreadable.
-    read_retries: int = 4
-    read_timeout_s: float = 300.0
+    # Remote reads: a connection, or a read on it, that gets nothing for `read_timeout_s` fails; failures
+    # that may pass (timeouts, dropped connections, 408, 429, 5xx) are retried with backoff for up to
+    # `read_retry_s` in all, so an outage shorter than that is waited out; then the shard is unreadable.
+    read_timeout_s: float = 60.0
+    read_retry_s: float = 600.0
     # webdataset `pipe:` shard names run shell commands: refused unless this is set.
     allow_pipe: bool = False
     # A corpus stops training (DataError) when a stream has skipped more than this fraction of the
@@ -138,7 +139,7 @@ class DataConfig:
         for key in ("seq_len", "micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_key(prefix, key)}: must be at least 1")
-        for key in ("num_workers", "virtual_streams", "read_retries", "cache_mb"):
+        for key in ("num_workers", "virtual_streams", "cache_mb", "read_retry_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{_key(prefix, key)}: must not be negative")
         for key in ("shuffle_spans", "shuffle_window"):
@@ -176,10 +177,11 @@ class DataConfig:
     def check_corpus(self, corpus: CorpusConfig, key: str, prefix: str) -> CorpusIndex:
         """`check_paths` of one corpus (named `key` in messages): its index."""
         shown = sources.redact(corpus.path)
-        _check_protocol(corpus.path, f"{key}.path")
-        if not sources.exists(index_location(corpus.path)):
-            raise ConfigError(f"{key}.path: {shown} does not exist or has no index ({INDEX_FILE})")
-        index = read_index(corpus.path)
+        check_protocol(corpus.path, f"{key}.path")
+        try:
+            index = read_index(corpus.path, read_options(self))
+        except ConfigError as error:
+            raise ConfigError(f"{key}.path: {error}") from None
         if index.kind != corpus.kind:
             raise ConfigError(f"{key}.kind: {corpus.kind}, but {shown} holds a {index.kind} corpus")
         if index.num_samples == 0:
@@ -187,7 +189,7 @@ class DataConfig:
         locations = [index.base] + [s.name for s in index.shards if sources.is_url(s.name)]
         pipes = [s.name for s in index.shards if sources.is_pipe(s.name)]
         for location in {sources.protocol(loc): loc for loc in locations}.values():
-            _check_protocol(location, f"{key}.path")
+            check_protocol(location, f"{key}.path")
         if pipes and not self.allow_pipe:
             raise ConfigError(
                 f"{_key(prefix, 'allow_pipe')}: {shown} names {len(pipes)} shards as pipe: commands "
@@ -251,9 +253,22 @@ def check_streams(virtual: int, world_size: int, num_workers: int) -> None:
         )
 
 
-def _check_protocol(location: str, key: str) -> None:
-    if sources.is_local(location) or sources.is_pipe(location):
+def read_options(cfg: DataConfig) -> sources.ReadOptions:
+    return sources.ReadOptions(
+        allow_pipe=cfg.allow_pipe,
+        retry_s=cfg.read_retry_s,
+        timeout_s=cfg.read_timeout_s,
+        cache_bytes=cfg.cache_mb << 20,
+        cache_dir=cfg.cache_dir,
+    )
+
+
+def check_protocol(location: str, key: str) -> None:
+    """A ConfigError naming `key` unless this installation can read `location`'s store."""
+    if sources.is_local(location):
         return
+    if sources.is_pipe(location):
+        raise ConfigError(f"{key}: {sources.redact(location)} is a pipe: command, not a folder or URL")
     import fsspec
 
     name = sources.protocol(location)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.batch import Batch
-from kosmos.data.config import CorpusConfig, DataConfig, check_streams, rows_per_step
+from kosmos.data.config import CorpusConfig, DataConfig, check_streams, read_options, rows_per_step
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
@@ -49,14 +49,6 @@ STATE_VERSION = 2
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
 
 
-def read_options(cfg: DataConfig) -> sources.ReadOptions:
-    return sources.ReadOptions(
-        allow_pipe=cfg.allow_pipe,
-        retries=cfg.read_retries,
-        timeout_s=cfg.read_timeout_s,
-        cache_bytes=cfg.cache_mb << 20,
-        cache_dir=cfg.cache_dir,
-    )
 
 
 @contextlib.contextmanager
@@ -484,5 +476,5 @@ def build_loader(
 ) -> StepLoader:
     """The loader of one rank. Checks corpora and step layout (ConfigError); starts no worker yet."""
     cfg.check_paths("data")
-    indexes = {corpus.name: read_index(corpus.path) for corpus in cfg.corpora}
+    indexes = {corpus.name: read_index(corpus.path, read_options(cfg)) for corpus in cfg.corpora}
     return StepLoader(cfg, indexes, tokenizer, image_size, num_image_tokens, rank, world_size)

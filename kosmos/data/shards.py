@@ -39,6 +39,14 @@ INDEX_VERSION = 1
 class ShardInfo:
     name: str
     samples: int
+    # As the store reported them when the shard was counted (None: not recorded): a shard whose size
+    # or ETag differs when it is read is another version, and is skipped as `shard_changed`.
+    size: int | None = None
+    etag: str | None = None
+
+    @property
+    def version(self) -> sources.Version:
+        return sources.Version(self.size, self.etag)
 
 
 @dataclass
@@ -49,6 +57,8 @@ class CorpusIndex:
     skipped: dict[str, int] = field(default_factory=dict)
     # Where shard names are relative to: a local folder or URL; "" = the index's own folder.
     base: str = ""
+    # Read from a remote store: every shard name, full URLs included, must lie under the base.
+    confined: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -56,50 +66,78 @@ class CorpusIndex:
 
     def location(self, shard: str) -> str:
         """Where shard `shard` lies; raises `ShardUnreadable(Reason.PATH_OUTSIDE)` for a name escaping the base."""
-        return sources.join(self.base, shard)
+        return sources.join(self.base, shard, self.confined)
 
 
 def index_location(folder: str | Path) -> str:
     return f"{str(folder).rstrip('/')}/{INDEX_FILE}"
 
 
-def read_index(folder: str | Path) -> CorpusIndex:
+def read_index(folder: str | Path, options: sources.ReadOptions = sources.DEFAULT_OPTIONS) -> CorpusIndex:
     """The index of the corpus at `folder` (a local folder or URL), its `base` made a full location."""
+    folder = str(folder)
     location = index_location(folder)
+    shown = sources.redact(location)
+    if sources.is_pipe(folder):
+        raise ConfigError(f"{sources.redact(folder)}: a corpus lies in a folder or at a URL, not a pipe: command")
     try:
-        text = sources.read_bytes(location)
-    except FileNotFoundError:
-        raise ConfigError(f"{sources.redact(str(folder))}: no corpus index ({INDEX_FILE})") from None
-    except (OSError, sources.ShardUnreadable) as error:
-        raise ConfigError(f"{sources.redact(location)}: cannot be read ({error})") from None
+        text = sources.read_bytes(location, options)
+    except sources.ShardUnreadable as error:
+        if error.missing:
+            raise ConfigError(
+                f"{sources.redact(folder)}: no corpus index ({INDEX_FILE}): it does not exist or has no index"
+            ) from None
+        raise ConfigError(f"{shown}: cannot be read ({error.detail})") from None
     try:
         raw = json.loads(text)
         base = str(raw.get("base") or "")
+        if sources.is_pipe(base):
+            raise ConfigError(f"{shown}: base {sources.redact(base)} is a pipe: command, not a location")
         if not base:
-            base = str(folder)
-        elif sources.is_local(str(folder)) and not sources.is_url(base):
-            base = os.path.normpath(os.path.join(sources.local_path(str(folder)), base))
+            base = folder
+        elif sources.is_local(folder) and not sources.is_url(base):
+            base = os.path.normpath(os.path.join(sources.local_path(folder), base))
         elif not sources.is_url(base):
-            base = sources.join(str(folder), base)
+            base = sources.join(folder, base)
         return CorpusIndex(
             kind=raw["kind"],
-            shards=[ShardInfo(str(s["name"]), int(s["samples"])) for s in raw["shards"]],
+            shards=[
+                ShardInfo(
+                    str(s["name"]),
+                    int(s["samples"]),
+                    None if s.get("size") is None else int(s["size"]),
+                    None if s.get("etag") is None else str(s["etag"]),
+                )
+                for s in raw["shards"]
+            ],
             skipped={str(k): int(v) for k, v in raw.get("skipped", {}).items()},
             base=base,
+            confined=not sources.is_local(folder),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ConfigError(f"{location}: not a corpus index ({type(error).__name__}: {error})") from None
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{shown}: not a corpus index ({type(error).__name__})") from None
     except sources.ShardUnreadable as error:
-        raise ConfigError(f"{location}: base {error.detail}") from None
+        raise ConfigError(f"{shown}: base {error.detail}") from None
 
 
 def write_index(folder: str | Path, index: CorpusIndex) -> None:
+    """`folder/index.json`; locations are written redacted (credentials come from the environment)."""
     raw = {
         "version": INDEX_VERSION,
         "kind": index.kind,
-        **({"base": index.base} if index.base else {}),
+        **({"base": sources.redact(index.base)} if index.base else {}),
         "samples": index.num_samples,
-        "shards": [{"name": s.name, "samples": s.samples} for s in index.shards],
+        "shards": [
+            {
+                "name": sources.redact(s.name) if sources.is_url(s.name) else s.name,
+                "samples": s.samples,
+                **({"size": s.size} if s.size is not None else {}),
+                **({"etag": s.etag} if s.etag else {}),
+            }
+            for s in index.shards
+        ],
         "skipped": saved(index.skipped),
     }
     (Path(folder) / INDEX_FILE).write_text(json.dumps(raw, indent=1) + "\n")
@@ -182,9 +220,10 @@ class ShardDamaged(Exception):
 
 def decompressed(file: BinaryIO, name: str) -> BinaryIO:
     """The tar stream of a shard file, by its name: `.tar.gz`/`.tgz` (gzip), `.tar.zst` (zstandard)."""
-    if name.endswith((".tar.gz", ".tgz")):
+    path = sources.path_of(name)  # a query (a signed URL's token, say) is no part of the suffix
+    if path.endswith((".tar.gz", ".tgz")):
         return gzip.GzipFile(fileobj=file, mode="rb")
-    if name.endswith(".tar.zst"):
+    if path.endswith(".tar.zst"):
         try:
             import zstandard
         except ImportError:

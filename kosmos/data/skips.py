@@ -48,13 +48,14 @@ class Reason:
     TRUNCATED_SHARD = "truncated_shard"  # a shard's samples after the point where its stream breaks off
     SHARD_SHORTER_THAN_INDEX = "shard_shorter_than_index"  # samples the index counts that the shard lacks
     SHARD_LONGER_THAN_INDEX = "shard_longer_than_index"  # samples beyond the index count (read, unused)
+    SHARD_CHANGED = "shard_changed"  # a shard whose size or ETag is not what its index recorded
     # -- passed over on purpose (kosmos.data.holdout) --
     HELD_OUT = "held_out"  # held out for the validation loss: a training stream passes over it
     NOT_HELD_OUT = "not_held_out"  # a training sample: the validation stream passes over it
 
 
 # Reasons that condemn a whole shard (or the rest of it), not one sample.
-SHARD_REASONS = (Reason.UNREADABLE_SHARD, Reason.PATH_OUTSIDE, Reason.TRUNCATED_SHARD)
+SHARD_REASONS = (Reason.UNREADABLE_SHARD, Reason.PATH_OUTSIDE, Reason.TRUNCATED_SHARD, Reason.SHARD_CHANGED)
 
 # Reasons of samples passed over on purpose: they do not count towards `data.max_skip_fraction`.
 DELIBERATE_REASONS = (Reason.HELD_OUT, Reason.NOT_HELD_OUT)

@@ -169,17 +169,19 @@ class EpochPlan:
 
 class ShardOpener:
     """Opens the shards of one corpus for a sequential read: local ones in place, remote ones through
-    the process's cache (made when first needed)."""
+    the process's cache (made when first needed); a shard that is not the version its index recorded
+    is refused (`shard_changed`)."""
 
     def __init__(self, index: CorpusIndex, cache: Callable[[], sources.ShardCache]):
         self.index = index
         self.cache = cache
+        self.versions = {shard.name: shard.version for shard in index.shards}
 
     def open(self, name: str) -> BinaryIO:
         location = self.index.location(name)
         if sources.is_local(location):
-            return sources.open_local(location)
-        return self.cache().open(location)
+            return sources.open_local(location, self.versions.get(name))
+        return self.cache().open(location, self.versions.get(name))
 
     def prefetch(self, name: str) -> None:
         try:
@@ -187,7 +189,7 @@ class ShardOpener:
         except sources.ShardUnreadable:
             return
         if not sources.is_local(location):
-            self.cache().prefetch(location)
+            self.cache().prefetch(location, self.versions.get(name))
 
 
 class LaneReader:

@@ -23,7 +23,7 @@ FREE_ON_RESUME = (
     "data.num_workers",
     "data.cache_mb",
     "data.cache_dir",
-    "data.read_retries",
+    "data.read_retry_s",
     "data.read_timeout_s",
     "data.max_skip_fraction",
 )
