@@ -124,7 +124,7 @@ def same_batches(a: list, b: list) -> None:
         assert want_refs == got_refs
         for x, y in zip(want, got, strict=True):
             for key in ("input_ids", "image_mask", "images", "labels", "position_ids", "segment_ids"):
-                assert torch.equal(x[key], y[key]), key
+                assert torch.equal(getattr(x, key), getattr(y, key)), key
 
 
 def test_messages_show_no_credentials():
