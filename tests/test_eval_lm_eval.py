@@ -3,6 +3,8 @@ rank and generate exactly as `kosmos eval` does on the same items with the same 
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,10 +76,10 @@ def setup(tmp_path, tokenizer, tiny_config):
     return tmp_path, data, backend
 
 
-def run_lm_eval(folder, model, tasks):
+def run_lm_eval(folder, model, tasks, checkpoint="unused"):
     return lm_eval.simple_evaluate(
         model=model,
-        model_args="checkpoint=unused" if isinstance(model, str) else None,
+        model_args=f"checkpoint={checkpoint}" if isinstance(model, str) else None,
         tasks=tasks,
         task_manager=TaskManager(include_path=str(folder / "lm_tasks"), include_defaults=False),
         log_samples=True,
@@ -169,3 +171,27 @@ def test_rolling_windows_cover_a_text_longer_than_the_model(setup):
     # Every token is scored once: the sum of per-token log-probabilities is below each window's.
     first = backend.log_likelihood([[]], [backend.tokenizer.decode(tokens[: backend.max_positions - 1])])[0]
     assert total < first < 0
+
+
+@pytest.mark.slow
+def test_an_imported_transformers_kosmos2_is_evaluated_by_its_checkpoint(setup, tokenizer, tiny_config):
+    from kosmos.convert import export_to_hf
+
+    tmp_path, _, backend = setup
+    hf = export_to_hf(backend.model.state_dict(), tiny_config, tokenizer, tmp_path / "hf")
+    imported = tmp_path / "kosmos2"
+    done = subprocess.run(
+        [sys.executable, "-m", "kosmos", "convert", "from-hf", str(hf), str(imported)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DS_ACCELERATOR="cpu"),
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = run_lm_eval(tmp_path, "kosmos", ["kosmos_size_mc"], checkpoint=imported)
+    for sample in out["samples"]["kosmos_size_mc"]:
+        item = sample["doc"]
+        prompt = [f"Is {item['item1']} larger than {item['item2']}?"]
+        expected = backend.log_likelihood([prompt] * len(item["choices"]), item["choices"])
+        assert [r[0][0] for r in sample["resps"]] == pytest.approx(expected, abs=1e-4)
