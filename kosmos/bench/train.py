@@ -199,28 +199,39 @@ def train_report(bench: TrainBench, seconds: dict[str, list[float]], args: argpa
     and the speedups against the first side (or of ours against transformers')."""
     import torch
 
-    from kosmos.model import attention_pairs, training_flops
-    from kosmos.model.attention import attends_per_document
-    from kosmos.tokenizer import IGNORE_INDEX
-    from kosmos.train.metrics import flops_utilisation, peak_flops
+    from kosmos.train.metrics import peak_flops
 
-    cfg, env, batch, device = bench.cfg, bench.env, bench.batch, bench.env.device
+    env, device = bench.env, bench.env.device
     dtype = torch.bfloat16 if bench.bf16 else torch.float32
-    rows, seq_len, segments = cfg.data.micro_batch_size, cfg.data.seq_len, batch.segment_ids
     measured_peak = env.world_size * measure_peak_flops(device, dtype)
     # MFU against the peak the training logs use (a known GPU's spec or `logging.peak_tflops`),
     # else (a CPU) the measured one; the measured one beside it in any case.
-    logged_peak = peak_flops(cfg.logging, device, bench.bf16)
+    logged_peak = peak_flops(bench.cfg.logging, device, bench.bf16)
     peak = env.world_size * logged_peak if logged_peak else measured_peak
     report = {
+        **_setting(bench, args),
+        "mfu_peak": "spec (the training logs')" if logged_peak else "measured",
+        "peak_tflops": round(peak / env.world_size / 1e12, 4),
+        "peak_tflops_measured": round(measured_peak / env.world_size / 1e12, 4),
+        **_sides(bench, seconds, peak, measured_peak),
+    }
+    _add_speedups(report, bench)
+    return report
+
+
+def _setting(bench: TrainBench, args: argparse.Namespace) -> dict:
+    """What was measured: the machine, the model, the batch and the training settings."""
+    cfg, batch = bench.cfg, bench.batch
+    rows, segments = cfg.data.micro_batch_size, batch.segment_ids
+    return {
         "benchmark": "train",
         "config": str(args.config),
-        "machine": machine(device),
+        "machine": machine(bench.env.device),
         "layers": cfg.model.text.layers,
         "width": cfg.model.text.width,
-        "world_size": env.world_size,
+        "world_size": bench.env.world_size,
         "micro_batch": rows,
-        "seq_len": seq_len,
+        "seq_len": cfg.data.seq_len,
         "rows": _rows(args),
         "documents_per_row": round(_documents(segments) / rows, 2),
         "padding": round(float((segments == 0).float().mean()), 4),
@@ -231,37 +242,48 @@ def train_report(bench: TrainBench, seconds: dict[str, list[float]], args: argpa
         "compile": cfg.train.compile,
         "attention": bench.resolved.get("ours", cfg.model.attention),
         "steps": args.steps,
-        "mfu_peak": "spec (the training logs')" if logged_peak else "measured",
-        "peak_tflops": round(peak / env.world_size / 1e12, 4),
-        "peak_tflops_measured": round(measured_peak / env.world_size / 1e12, 4),
     }
+
+
+def _sides(bench: TrainBench, seconds: dict[str, list[float]], peak: float, measured_peak: float) -> dict:
+    """Per side: the attention backend and the timings, and for each side that trains its step time,
+    rates, memory, MFU (against `peak` and `measured_peak`) and its attention's share of the step."""
+    from kosmos.model import attention_pairs, training_flops
+    from kosmos.model.attention import attends_per_document
+    from kosmos.tokenizer import IGNORE_INDEX
+    from kosmos.train.metrics import flops_utilisation
+
+    cfg, world, batch = bench.cfg, bench.env.world_size, bench.batch
     # Every rank runs the same steps on batches of the same shape: rates count all of them.
-    positions = env.world_size * rows * seq_len
-    images = env.world_size * len(batch.images)
-    labelled = env.world_size * int((batch.labels != IGNORE_INDEX).sum())
+    rows = world * cfg.data.micro_batch_size
+    positions = rows * cfg.data.seq_len
+    images = world * len(batch.images)
+    labelled = world * int((batch.labels != IGNORE_INDEX).sum())
 
     def flops(side: str) -> dict[str, float]:
         """The FLOPs of one step as the training logs count them, for the attention `side` runs."""
         per_document = side in bench.resolved and attends_per_document(bench.resolved[side])
-        pairs = env.world_size * float(attention_pairs(segments, per_document).sum())
+        pairs = world * float(attention_pairs(batch.segment_ids, per_document).sum())
         return training_flops(cfg.model, positions, labelled, images, pairs)
 
-    for side in bench.sides:
-        report[side] = {
+    sides = {
+        side: {
             "backend": bench.resolved.get(side, "forward only"),
             "attention_forward_s": round(statistics.median(seconds[f"{side} forward"]), 4),
         }
+        for side in bench.sides
+    }
     for side, run in bench.runs.items():
         times = seconds[side]
         step_s = statistics.median(times)
         mfu = flops_utilisation(flops(side), step_s, peak)
         measured = flops_utilisation(flops(side), step_s, measured_peak)
-        report.setdefault(side, {}).update(
+        sides.setdefault(side, {}).update(
             {
                 "step_s": round(step_s, 4),
                 "step_s_mean": round(statistics.fmean(times), 4),
                 "tokens_per_s": round(positions / step_s, 1),
-                "samples_per_s": round(env.world_size * rows / step_s, 3),
+                "samples_per_s": round(rows / step_s, 3),
                 "images_per_s": round(images / step_s, 3),
                 "peak_memory_gb": bench.memory[side],
                 "mfu_language": round(mfu["language"], 4),
@@ -272,10 +294,9 @@ def train_report(bench: TrainBench, seconds: dict[str, list[float]], args: argpa
         )
         if side in bench.resolved:
             attention_s = statistics.median(seconds[f"{side} attention"])
-            report[side]["attention_s"] = round(attention_s, 4)
-            report[side]["attention_share"] = round(attention_s / step_s, 3)
-    _add_speedups(report, bench)
-    return report
+            sides[side]["attention_s"] = round(attention_s, 4)
+            sides[side]["attention_share"] = round(attention_s / step_s, 3)
+    return sides
 
 
 def _add_speedups(report: dict, bench: TrainBench) -> None:
