@@ -568,7 +568,8 @@ def test_training_is_bit_identical_with_validation_and_a_resume_keeps_its_points
 
     # Resumed from the step-4 checkpoint: points 8 and 9 again, once each, with the same values.
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(validated / "checkpoints" / checkpoint_tag(4), resumed / "checkpoints" / checkpoint_tag(4))
+    tag = checkpoint_tag(4)
+    shutil.copytree(validated / "checkpoints" / tag, resumed / "checkpoints" / tag)
     (resumed / "checkpoints" / "latest").write_text(checkpoint_tag(4))
     result = run(train_command(recipe, resumed, *NINE_STEPS, *validation))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -576,3 +577,74 @@ def test_training_is_bit_identical_with_validation_and_a_resume_keeps_its_points
     assert sorted(again) == [8, 9]
     for step in (8, 9):
         assert again[step]["val_loss"] == points[step]["val_loss"]
+
+
+# Poisoned data: the documents of the data steps PLANTED (numbered as the loader hands them out) make
+# every step that trains on them spike, wherever they are read.
+POISONED_DATA = textwrap.dedent(
+    """
+    import sys
+    from kosmos.model import KosmosModel
+    from kosmos.train.trainer import Trainer
+    PLANTED = set(range(int(sys.argv.pop(1)), int(sys.argv.pop(1))))
+    poisoned, current = set(), {"bad": False}
+    train_step, forward = Trainer._train_step, KosmosModel.forward
+    def judged_step(self, micro_batches):
+        documents = set(self.loader.last_step_samples)
+        if self.loader.step in PLANTED:
+            poisoned.update(documents)
+        current["bad"] = bool(documents & poisoned)
+        return train_step(self, micro_batches)
+    def poisoned_forward(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if current["bad"]:
+            output.token_loss = output.token_loss * 4
+        return output
+    Trainer._train_step, KosmosModel.forward = judged_step, poisoned_forward
+    from kosmos.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+SPIKES = [
+    "train.max_steps=10",
+    "checkpoint.interval=4",
+    "train.spike.enabled=true",
+    "train.spike.window=3",
+    "train.spike.max_rollbacks=2",
+    "deepspeed.zero_stage=1",
+]
+
+
+def spiking_run(recipe: Path, run_dir: Path, planted: range) -> subprocess.CompletedProcess:
+    args = ["train", "--config", str(recipe), "--run-dir", str(run_dir), *SMALL, *SPIKES]
+    return run([sys.executable, "-c", POISONED_DATA, str(planted.start), str(planted.stop), *args])
+
+
+def test_a_planted_spike_is_rolled_back_past_its_data_and_the_run_finishes(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    result = spiking_run(recipe, run_dir, range(6, 7))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rolled back to step_00000004" in result.stdout + result.stderr
+    # Each step once, on the path after the rollback; the rollback's record in the log and the history.
+    records = metrics(run_dir)
+    assert sorted(records) == list(range(1, 11))
+    assert all(r["loss"] < 10 for r in records.values())
+    (rollback,) = metrics(run_dir, "event").values()
+    assert (rollback["step"], rollback["spike_step"]) == (4, 6)
+    assert rollback["checkpoint"] == "checkpoints/" + checkpoint_tag(4)
+    assert rollback["data_steps_passed_over"] == [5, 6]
+    passed_over = sum(rollback["samples_passed_over"].values())
+    assert passed_over > 0 and set(rollback["samples_passed_over"]) <= {"text", "caption", "interleaved"}
+    assert records[10]["skipped_samples"]["rolled_back"] == passed_over
+    assert [h["event"] for h in read_history(run_dir) if "event" in h] == ["rollback"]
+
+
+def test_a_run_that_keeps_spiking_stops_after_the_allowed_rollbacks(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    result = spiking_run(recipe, run_dir, range(6, 100))
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert "after 2 rollbacks (train.spike.max_rollbacks 2)" in error and "step_00000004" in error
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rollbacks = [r for r in map(json.loads, lines) if r.get("event") == "rollback"]
+    assert [(r["step"], r["spike_step"], r["rollbacks"]) for r in rollbacks] == [(4, 6, 1), (4, 5, 2)]

@@ -52,6 +52,7 @@ class Reason:
     # -- passed over on purpose (kosmos.data.holdout) --
     HELD_OUT = "held_out"  # held out for the validation loss: a training stream passes over it
     NOT_HELD_OUT = "not_held_out"  # a training sample: the validation stream passes over it
+    ROLLED_BACK = "rolled_back"  # begun in the data steps a loss-spike rollback passed over (kosmos.train.spike)
 
 
 # Reasons that condemn a whole shard (or the rest of it), not one sample.

@@ -31,11 +31,36 @@ from kosmos.model import ModelConfig
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike rollback (kosmos.train.spike): back to the last checkpoint, past the data read since."""
+
+    enabled: bool = False
+    # A step whose loss is over `factor` x the mean loss of the last `window` steps is a spike (judged
+    # once `window` steps are in; spikes and non-finite steps are left out of the mean).
+    factor: float = 1.5
+    window: int = 100
+    # This many spikes in a row (or train.max_nonfinite_steps non-finite steps) roll the run back.
+    consecutive: int = 1
+    # Rollbacks over the whole run; the next one stops training with an error instead.
+    max_rollbacks: int = 3
+
+    def validate(self, prefix: str) -> None:
+        if self.factor <= 1:
+            raise ConfigError(f"{prefix}.factor: must be over 1")
+        for name in ("window", "consecutive"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}: must be at least 1")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"{prefix}.max_rollbacks: must not be negative")
+
+
+@dataclass
 class LoopConfig:
     max_steps: int = 1000
     seed: int = 1234
     log_interval: int = 10
-    # A run of this many consecutive non-finite steps (loss or gradient) stops training.
+    # A run of this many consecutive non-finite steps (loss or gradient) stops training (or, with
+    # `spike`, rolls it back).
     max_nonfinite_steps: int = 5
     # Start from the weights of a run folder or checkpoint (fine-tuning); optimizer, schedule and
     # data position start fresh. Ignored once the run has checkpoints of its own (it resumes).
@@ -47,6 +72,7 @@ class LoopConfig:
     threads: int | None = None
     # The validation loss on `data.validation` every this many steps, and at the end (0: at the end only).
     eval_interval: int = 0
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
     def validate(self, prefix: str) -> None:
         for name in ("max_steps", "log_interval", "max_nonfinite_steps"):

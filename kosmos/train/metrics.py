@@ -112,14 +112,9 @@ class MetricsLogger:
         from tqdm import tqdm
 
         self.path = run_dir / "metrics.jsonl"
-        truncate_metrics(self.path, start_step)
-        self.file = self.path.open("a")
-        self.tensorboard = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a previous attempt logged after the checkpoint we resume from.
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.cfg = cfg
+        self.file = self.tensorboard = None
+        self._open(start_step)
         self.wandb = None
         if cfg.wandb_project:
             import wandb
@@ -135,6 +130,27 @@ class MetricsLogger:
         self.bar = tqdm(
             total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not cfg.progress_bar
         )
+
+    def _open(self, step: int) -> None:
+        """Drop what was logged after `step` and log from there on."""
+        truncate_metrics(self.path, step)
+        self.file = self.path.open("a")
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events a previous attempt logged after the checkpoint we resume from.
+            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=step + 1)
+
+    def rewind(self, step: int) -> None:
+        """Back to `step` (a rollback): records and events logged after it are dropped."""
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self._open(step)
+        self.bar.n = step
+        self.bar.refresh()
 
     def advance(self) -> None:
         if self.enabled:

@@ -272,6 +272,12 @@ def record_launch(
         f.write(json.dumps(record) + "\n")
 
 
+def record_event(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append an event of the run (a rollback) to `history.jsonl`, between its launches."""
+    with open(run_dir / HISTORY, "a") as f:
+        f.write(json.dumps({"time": _now(), **record}) + "\n")
+
+
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / HISTORY
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

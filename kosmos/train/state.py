@@ -16,6 +16,8 @@ class TrainState:
     tokens_seen: int = 0  # non-padding positions over all ranks, image slots included
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
+    rollbacks: int = 0  # loss-spike rollbacks (kosmos.train.spike)
+    rolled_back_samples: int = 0  # documents begun in the data steps rollbacks passed over
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from kosmos import config as config_io
 from kosmos.checkpoint import load_weights, read_latest
 from kosmos.data.batch import Batch
-from kosmos.data.skips import Counts, saved
+from kosmos.data.skips import Counts, Reason, saved
 from kosmos.model import KosmosModel, attention_pairs, training_flops
 from kosmos.model.attention import attends_per_document
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
@@ -34,7 +34,8 @@ from kosmos.train.engine import DistributedEnv, build_engine, check_hardware, in
 from kosmos.train.metrics import MetricsLogger, flops_utilisation, peak_flops, peak_memory_gb
 from kosmos.train.optim import follow_config
 from kosmos.train.preemption import StopRequest
-from kosmos.train.run_folder import RunLock, record_launch, resume_changes
+from kosmos.train.run_folder import RunLock, record_event, record_launch, resume_changes
+from kosmos.train.spike import SpikeDetector, TrainingDiverged
 from kosmos.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from kosmos.train.validation import ValidationSet
 
@@ -106,6 +107,8 @@ class Trainer:
         backend = self.model.attention_backend(env.device, dtype, needs_grad=True)
         self.per_document_attention = attends_per_document(backend)
         self.stop = StopRequest()
+        self.spikes = SpikeDetector(cfg.train.spike) if cfg.train.spike.enabled else None
+        self._mark_good()
         self.metrics = MetricsLogger(
             run_dir,
             cfg.logging,
@@ -129,6 +132,7 @@ class Trainer:
         self.checkpoints.save(
             self.engine, self.state.step, self._client_state(), self.cfg.model, Path(self.cfg.tokenizer)
         )
+        self._mark_good()
         self._print(f"step {self.state.step}: checkpoint saved in {time.perf_counter() - started:.1f} s")
 
     def _resume(self, resize: Resize | None) -> None:
@@ -146,6 +150,83 @@ class Trainer:
             seed_everything(derived_seed(self.cfg.train.seed, self.state.step, self.env.rank))
         self.resumed_from = self.checkpoints.root / self.checkpoints.latest_tag()
         self._print(f"resumed from {self.resumed_from} at step {self.state.step}")
+
+    # -- loss spikes ----------------------------------------------------------------------------
+
+    def _mark_good(self) -> None:
+        """From here on, what the loader reads would be passed over by a rollback."""
+        self.loader_step_at_good = self.loader.step
+        self.read_since_good = Counter()
+
+    def _step_loss(self, sums: torch.Tensor) -> float | None:
+        total = sums.sum(0)[[LOSS_SUM, LABELLED]]
+        dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] else None
+
+    def _rolled_back(self, sums: torch.Tensor, applied: bool, too_many_nonfinite: bool) -> bool:
+        """Judge the step just taken; roll the run back when it calls for it."""
+        self.read_since_good.update(ref.corpus for ref in self.loader.last_step_samples)
+        loss = self._step_loss(sums) if applied else None
+        limit = self.spikes.threshold()
+        if not (self.spikes.observe(loss) or too_many_nonfinite):
+            return False
+        if too_many_nonfinite:
+            why = f"{self.state.consecutive_nonfinite} non-finite steps in a row"
+        else:
+            why = f"loss {loss:.4g} over {limit:.4g} ({self.cfg.train.spike.factor} x the running mean)"
+        self._roll_back(why, loss, limit)
+        return True
+
+    def _roll_back(self, why: str, loss: float | None, limit: float | None) -> None:
+        """Back to the last checkpoint, past the data read since it (or raise TrainingDiverged)."""
+        state, spike = self.state, self.cfg.train.spike
+        latest = self.checkpoints.latest_tag()
+        if state.rollbacks >= spike.max_rollbacks or latest is None:
+            last = f"the last checkpoint is {self.checkpoints.root / latest}" if latest else "no checkpoint yet"
+            raise TrainingDiverged(
+                f"step {state.step}: {why}, after {state.rollbacks} rollbacks (train.spike.max_rollbacks "
+                f"{spike.max_rollbacks}); {last}"
+            )
+        counts = [None] * self.env.world_size
+        dist.all_gather_object(counts, dict(self.read_since_good))
+        passed_over = _sum_counts(counts)
+        data_steps = [self.loader_step_at_good + 1, self.loader.step]
+        spike_step, rollbacks = state.step, state.rollbacks + 1
+        rolled_back = state.rolled_back_samples + sum(passed_over.values())
+        saved = self.checkpoints.load(self.engine)["kosmos"]
+        if saved["world_size"] != self.env.world_size:
+            raise TrainingDiverged(
+                f"step {spike_step}: {why}; the last checkpoint {latest} was saved by {saved['world_size']} "
+                f"ranks, and a rollback keeps the world size: resume from it with that many"
+            )
+        follow_config(self.engine.lr_scheduler, self.cfg.optimizer)
+        state.load_state_dict(saved["train"])
+        state.rollbacks, state.rolled_back_samples = rollbacks, rolled_back
+        state.consecutive_nonfinite = 0
+        set_rng_state(saved["ranks"][self.env.rank]["rng"])
+        self.spikes.reset()
+        self._mark_good()
+        record = {
+            "step": state.step,
+            "event": "rollback",
+            "reason": why,
+            "spike_step": spike_step,
+            "spike_loss": loss,
+            "spike_threshold": limit,
+            "checkpoint": f"checkpoints/{latest}",
+            "data_steps_passed_over": data_steps,
+            "samples_passed_over": passed_over,
+            "rollbacks": rollbacks,
+        }
+        self.metrics.rewind(state.step)
+        self.metrics.log(record)
+        if self.env.is_main:
+            record_event(self.run_dir, record)
+        self._print(
+            f"step {spike_step}: {why}: rolled back to {latest} (rollback {rollbacks} of at most "
+            f"{spike.max_rollbacks}); data steps {data_steps[0]}-{data_steps[1]} passed over "
+            f"({sum(passed_over.values())} documents begun in them)"
+        )
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -217,6 +298,8 @@ class Trainer:
             record[f"tokens_{name}"] = int(row[TOKENS])
         record["skipped_samples"] = _sum_counts(skipped for skipped, _ in counters)
         record["dropped_images"] = _sum_counts(dropped for _, dropped in counters)
+        if self.state.rolled_back_samples:
+            record["skipped_samples"][Reason.ROLLED_BACK] = self.state.rolled_back_samples
         record["skipped_nonfinite_steps"] = self.state.nonfinite_steps
         return record
 
@@ -249,7 +332,8 @@ class Trainer:
             lr = self.engine.get_lr()[0]
             sums = self._train_step(next(data))
             state.step += 1
-            if self.engine.was_step_applied():
+            applied = self.engine.was_step_applied()
+            if applied:
                 interval += sums
                 state.consecutive_nonfinite = 0
             else:
@@ -260,6 +344,10 @@ class Trainer:
             self.metrics.advance()
 
             too_many_nonfinite = state.consecutive_nonfinite >= cfg.train.max_nonfinite_steps
+            if self.spikes is not None and self._rolled_back(sums, applied, too_many_nonfinite):
+                interval.zero_()
+                seconds = 0.0
+                continue
             stopping = self.stop.anywhere(self.env.device)
             saving = (
                 state.step % cfg.checkpoint.interval == 0 or state.step == cfg.train.max_steps or stopping

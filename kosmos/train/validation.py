@@ -2,8 +2,9 @@
 
 The set is read once, when training starts, from each validation corpus (the training corpora's
 held-out share, or corpora of their own) in its epoch-0 order with a single stream: `validation.rows`
-packed rows per corpus, or every held-out sample if there are fewer. Row i of a corpus goes to rank i % world_size, so all ranks together measure the
-same rows whatever the world size, and the per-corpus sums are all-reduced.
+packed rows per corpus, or every held-out sample if there are fewer. Row i of a corpus goes to rank
+i % world_size, so all ranks together measure the same rows whatever the world size, and the
+per-corpus sums are all-reduced.
 
 A validation pass leaves training as it was: the model runs in eval mode without gradients, the
 random-number generators are restored afterwards, and the training loader is not touched.
@@ -87,10 +88,9 @@ class ValidationSet:
             if filler is None and rows:
                 filler = collate(rows[:1], [corpus.name], self.cfg.seq_len, self.image_size)
             own = rows[self.rank :: self.world_size]
-            mine += [
-                collate(own[i : i + size], [corpus.name] * len(own[i : i + size]), self.cfg.seq_len, self.image_size)
-                for i in range(0, len(own), size)
-            ]
+            for i in range(0, len(own), size):
+                batch = own[i : i + size]
+                mine.append(collate(batch, [corpus.name] * len(batch), self.cfg.seq_len, self.image_size))
         if filler is None:
             raise ConfigError(f"data.validation: no held-out sample in {', '.join(self.names)}")
         extra = [(mine[0] if mine else filler, False)] * (most - len(mine))
