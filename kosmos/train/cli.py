@@ -1,4 +1,5 @@
-"""`kosmos train`: train a model under DeepSpeed, or resume the run folder's latest checkpoint."""
+"""`kosmos train`: train a model under DeepSpeed, or resume the run folder's latest checkpoint;
+`kosmos report`: one page on a run, finished or in progress."""
 
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--probe-documents", type=int, default=16, help="documents read per corpus (default 16)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     train.set_defaults(handler=_train)
+
+    report = subparsers.add_parser(
+        "report",
+        help="one page on a run (finished or in progress): losses, validation, LR, grad norm, throughput, "
+        "skips, rollbacks, evaluated checkpoints",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN", help="run folder")
+    report.add_argument("--out", type=Path, help="output folder (default RUN/report)")
+    report.set_defaults(handler=_report)
 
 
 # The dry run's options that have no default: given without --dry-run they would be silently ignored.
@@ -93,3 +103,10 @@ def _checked_launch(args: argparse.Namespace):
             problems += launch_problems(run_dir, cfg, args.allow_config_change)
     config_io.raise_problems(problems)
     return cfg, run_dir
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kosmos.train.report import write_report
+
+    print(f"run report: {write_report(args.run_dir, args.out)}")
+    return 0
