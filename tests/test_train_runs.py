@@ -648,3 +648,29 @@ def test_a_run_that_keeps_spiking_stops_after_the_allowed_rollbacks(recipe, tmp_
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rollbacks = [r for r in map(json.loads, lines) if r.get("event") == "rollback"]
     assert [(r["step"], r["spike_step"], r["rollbacks"]) for r in rollbacks] == [(4, 6, 1), (4, 5, 2)]
+
+
+def eval_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kosmos", "eval", "--tasks", "digits_vqa", "--limit", "8", *args]
+
+
+def test_the_watcher_evaluates_each_checkpoint_once_as_kosmos_eval_does(recipe, sample, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(train_command(recipe, run_dir, "train.max_steps=4", "checkpoint.interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    watching = eval_command("--watch", str(run_dir), "--data-root", str(sample), "--poll", "0")
+    result = run(watching)  # returns once the run's last step is evaluated
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = run_dir / "eval" / "history.jsonl"
+    lines = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4] and all(r["task"] == "digits_vqa" for r in lines)
+    # Restarted: nothing left to do, nothing written twice.
+    assert run(watching).returncode == 0 and len(history.read_text().splitlines()) == 2
+
+    direct = tmp_path / "direct"
+    checkpoint = run_dir / "checkpoints" / checkpoint_tag(4)
+    result = run(eval_command("--checkpoint", str(checkpoint), "--data-root", str(sample), "--out", str(direct)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = json.loads((direct / "results.json").read_text())["summary"]
+    assert (lines[1]["metric"], lines[1]["value"], lines[1]["ci"]) == (entry["metric"], entry["value"], entry["ci"])
+    assert lines[1]["checkpoint"]["sha256"] == json.loads((direct / "results.json").read_text())["checkpoint"]["sha256"]

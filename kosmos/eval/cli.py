@@ -4,6 +4,7 @@ the two stages of multimodal chain-of-thought on ScienceQA at test time (docs/mm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from kosmos.cli import FP32_HELP, positive_int
@@ -34,10 +35,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--list-tasks", action="store_true", help="list the tasks of --task-dir (kind, format, metrics) and exit"
     )
-    # Required unless --list-tasks (checked by the handler).
+    # Required unless --list-tasks (checked by the handler): --checkpoint and --out, or --watch.
     parser.add_argument("--checkpoint", help="run folder (its latest checkpoint) or checkpoint folder")
+    parser.add_argument(
+        "--watch",
+        type=Path,
+        metavar="RUN",
+        help="instead of --checkpoint: evaluate each checkpoint of run folder RUN once, in step order, as "
+        "it appears, into RUN/eval/ (history.jsonl and the run's TensorBoard), until its last step's",
+    )
     parser.add_argument("--tasks", help="comma-separated task names (NAME.yaml in --task-dir) or YAML paths")
-    parser.add_argument("--out", type=Path, help="output folder; a rerun continues from its cache")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (not with --watch); a rerun continues from its cache"
+    )
+    watching = parser.add_argument_group("--watch")
+    watching.add_argument(
+        "--every", type=positive_int, default=1, help="only checkpoints of steps that are multiples of N "
+        "(and the run's last step); default 1"
+    )
+    watching.add_argument(
+        "--poll", type=float, default=60.0, help="seconds between looks for new checkpoints (default 60)"
+    )
+    watching.add_argument("--once", action="store_true", help="evaluate the checkpoints there now, then stop")
     parser.add_argument(
         "--shots", type=_int_list, default=[0], help="demonstration counts, e.g. 0,4,8 (default 0)"
     )
@@ -95,9 +114,12 @@ def _list_tasks(task_dir: Path | None) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.list_tasks:
         return _list_tasks(args.task_dir)
-    missing = [f"--{name}" for name in ("checkpoint", "tasks", "out") if getattr(args, name) is None]
+    needed = ("watch", "tasks") if args.watch is not None else ("checkpoint", "tasks", "out")
+    missing = [f"--{name}" for name in needed if getattr(args, name) is None]
     if missing:
-        raise ConfigError(f"{', '.join(missing)}: required (or --list-tasks)")
+        raise ConfigError(f"{', '.join(missing)}: required (or --watch RUN --tasks, or --list-tasks)")
+    if args.watch is not None and (args.checkpoint or args.out):
+        raise ConfigError("--watch: evaluates RUN's checkpoints into RUN/eval, without --checkpoint or --out")
     from kosmos.config import to_dict
     from kosmos.distributed import local_device
     from kosmos.eval.backend import ModelBackend, load_for_eval
@@ -106,9 +128,11 @@ def _eval(args: argparse.Namespace) -> int:
     from kosmos.eval.harness import EvalOptions, evaluate, prepare_tasks
     from kosmos.model import inference_dtype
 
+    if args.watch is not None and not (args.watch / "config.yaml").is_file():
+        raise ConfigError(f"--watch: {args.watch} is not a run folder (it has no config.yaml)")
     options = EvalOptions(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-        out=args.out,
+        out=args.out or args.watch / "eval",
         shots=args.shots,
         demos=args.demos,
         trials=args.trials,
@@ -127,17 +151,34 @@ def _eval(args: argparse.Namespace) -> int:
     if retrieval:
         ClipEmbedder.check(args.retrieval_clip, args.retrieval_weights)
     device = args.device or local_device()
-    model, tokenizer, model_cfg = load_for_eval(args.checkpoint, device, inference_dtype(device, args.fp32))
+
+    def load(checkpoint):
+        return load_for_eval(checkpoint, device, inference_dtype(device, args.fp32))
+
+    def run(checkpoint, loaded, embedder, out: Path) -> dict | None:
+        model, tokenizer, model_cfg = loaded
+        return evaluate(
+            ModelBackend(model, tokenizer, options.batch_size, args.compile),
+            dataclasses.replace(options, out=out),
+            checkpoint_identity(checkpoint, model),
+            to_dict(model_cfg),
+            embedder,
+            tasks,
+        )
+
+    if args.watch is not None:
+        from kosmos.eval.watch import watch
+
+        configure_threads()
+        embedder = ClipEmbedder(args.retrieval_clip, args.retrieval_weights, device) if retrieval else None
+        return watch(
+            args.watch, lambda checkpoint, out: run(checkpoint, load(checkpoint), embedder, out), args.every,
+            args.poll, args.once,
+        )  # fmt: skip
+    loaded = load(args.checkpoint)
     configure_threads()  # once the inputs are known to be good: an error stays one line
     embedder = ClipEmbedder(args.retrieval_clip, args.retrieval_weights, device) if retrieval else None
-    results = evaluate(
-        ModelBackend(model, tokenizer, options.batch_size, args.compile),
-        options,
-        checkpoint_identity(args.checkpoint, model),
-        to_dict(model_cfg),
-        embedder,
-        tasks,
-    )
+    results = run(args.checkpoint, loaded, embedder, options.out)
     if results is not None:
         print((options.out / "report.md").read_text())
     return 0
