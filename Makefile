@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml
 endif
 
 # The demo: sample corpus (built when sample/ is absent) -> tiny model trained
-# under DeepSpeed on CPU -> evaluated on held-out digits -> exported to `transformers`. Running it
+# under DeepSpeed on CPU (with a held-out validation loss) -> evaluated on held-out digits -> the run
+# report (kosmos report) -> exported to `transformers`. Running it
 # again finds the run trained (at once) and re-uses its evaluation.
 RUN ?= runs/tiny
 demo: install
@@ -38,12 +39,14 @@ demo: install
 	$(BIN)/kosmos train --config configs/train/tiny.yaml --run-dir $(RUN)
 	$(BIN)/kosmos eval --checkpoint $(RUN) --tasks digits_vqa,digits_classification,digits_captioning \
 		--data-root sample --out $(RUN)/eval
+	$(BIN)/kosmos report $(RUN)
 	rm -rf $(RUN)/hf
 	$(BIN)/kosmos convert to-hf $(RUN) $(RUN)/hf
 	@echo
 	@echo "sample corpus:       sample/  (kosmos data inspect sample/caption)"
 	@echo "run folder:          $(RUN)/  (config.yaml, metrics.jsonl, checkpoints/, tensorboard/)"
 	@echo "evaluation report:   $(RUN)/eval/report.md"
+	@echo "run report:          $(RUN)/report/report.md  (report.png: training and validation loss, LR, skips)"
 	@echo "transformers export: $(RUN)/hf  (Kosmos2ForConditionalGeneration.from_pretrained)"
 
 # Multimodal chain-of-thought on the sample corpus's ScienceQA-format digits (docs/mmcot.md): the tiny
