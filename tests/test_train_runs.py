@@ -611,7 +611,6 @@ SPIKES = [
     "train.spike.enabled=true",
     "train.spike.window=3",
     "train.spike.max_rollbacks=2",
-    "deepspeed.zero_stage=1",
 ]
 
 

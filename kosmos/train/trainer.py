@@ -66,6 +66,7 @@ class Trainer:
         )
         self.validation = None
         if cfg.data.validation.enabled:
+            started = time.perf_counter()
             self.validation = ValidationSet(
                 cfg.data,
                 tokenizer,
@@ -75,7 +76,10 @@ class Trainer:
                 env.world_size,
             )
             rows = ", ".join(f"{name} {n}" for name, n in self.validation.rows.items())
-            self._print(f"validation set: rows of {cfg.data.seq_len} per corpus: {rows}")
+            self._print(
+                f"validation set: rows of {cfg.data.seq_len} per corpus: {rows} "
+                f"(read in {time.perf_counter() - started:.1f} s)"
+            )
         # Identical initial weights on every rank: ZeRO-3 partitions each rank's own copy.
         seed_everything(cfg.train.seed)
         self.model = KosmosModel(cfg.model)
