@@ -423,4 +423,4 @@ def test_list_tasks_names_every_task_with_its_kind_and_metrics(capsys):
     assert [line.split()[0] for line in lines] == list_tasks()
     assert any(line.split()[:2] == ["digits_vqa", "generate"] and "vqa_accuracy" in line for line in lines)
     assert main(["eval", "--tasks", "digits_vqa"]) == 2
-    assert "--checkpoint, --out: required (or --list-tasks)" in capsys.readouterr().err
+    assert "--checkpoint, --out: required (or --watch RUN --tasks, or --list-tasks)" in capsys.readouterr().err

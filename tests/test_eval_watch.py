@@ -111,3 +111,13 @@ def test_every_n_steps_and_the_last_and_a_pruned_checkpoint_is_recorded(tmp_path
     assert [r.get("skipped") for r in history(run_dir) if r["step"] == 8] == [
         "pruned (checkpoint.keep) before it was evaluated"
     ]
+
+
+def test_watch_options_are_checked(tmp_path, capsys):
+    from kosmos.cli import main
+
+    run_dir = make_run(tmp_path, [2])
+    assert main(["eval", "--watch", str(run_dir), "--tasks", "digits_vqa", "--out", str(tmp_path)]) == 2
+    assert "without --checkpoint or --out" in capsys.readouterr().err
+    assert main(["eval", "--watch", str(tmp_path), "--tasks", "digits_vqa"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
