@@ -53,7 +53,7 @@ def installed(tmp_path_factory) -> Path:
     run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv], root)
     # The dependencies: this environment's site-packages as a plain path, after the new one's own (its
     # .pth files are not run, so an editable kosmos there stays invisible).
-    purelib = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+    purelib = sysconfig.get_path("purelib", "venv", vars={"base": str(venv), "platbase": str(venv)})
     Path(purelib, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run([*PIP, "--python", venv / "bin/python", "install", *offline, wheel], root)
     return venv / "bin"
