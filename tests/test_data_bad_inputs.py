@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import sys
 import tarfile
 import zlib
 from collections import Counter
@@ -155,6 +156,31 @@ def test_inspect_counts_planted_cases(planted, tokenizer, capsys):
     total = capsys.readouterr().out.split("total", 1)[1]
     assert f"{report['samples']:,} samples" in total and "extreme_aspect_ratio 1" in total
     assert all(f"{reason} {n}" in total for reason, n in report["skipped"].items())
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_inspect_shows_its_progress_in_a_terminal(planted, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    report = inspect(planted)
+    shown = terminal.getvalue()
+    for name, corpus in report["corpora"].items():
+        assert f"kosmos data inspect: {name}" in shown and f"{corpus['indexed']}/{corpus['indexed']}" in shown
+    assert "sample/s" in shown
+
+
+def test_index_shows_its_progress_in_a_terminal(planted, tmp_path, monkeypatch):
+    from kosmos.data.indexer import index_shards
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    index, _ = index_shards([str(planted / "caption")], tmp_path / "caption", "caption")
+    assert "kosmos data index: 100%" in terminal.getvalue()
+    assert f"{len(index.shards)}/{len(index.shards)}" in terminal.getvalue()
 
 
 def test_sixteen_bit_png_keeps_its_gray():

@@ -137,7 +137,11 @@ def export_to_hf(
         raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     config = to_hf_config(model_cfg)
     config.dtype = dtype
-    hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(state).items()}
+    from tqdm import tqdm
+
+    renamed = to_hf_state_dict(state)
+    tensors = tqdm(renamed.items(), total=len(renamed), unit="tensor", desc="kosmos convert", disable=None)
+    hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors}
     with torch.device("meta"):
         expected = Kosmos2ForConditionalGeneration(config).state_dict()
     expected.pop("text_model.lm_head.weight")  # tied: transformers restores it from the embeddings

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from tqdm import tqdm
+
 from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.config import check_protocol
@@ -149,7 +151,9 @@ def index_shards(
             return error
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        counts = list(pool.map(count, locations))
+        counted = pool.map(count, locations)
+        # A bar where a terminal watches: counting a large remote corpus takes minutes.
+        counts = list(tqdm(counted, total=len(locations), unit="shard", desc="kosmos data index", disable=None))
     failed = [error for error in counts if isinstance(error, sources.ShardUnreadable)]
     if failed:
         raise ConfigError(

@@ -11,6 +11,8 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+from tqdm import tqdm
+
 from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.config import INDEX_FILE, CorpusConfig
@@ -39,16 +41,21 @@ def inspect_corpus(folder: Path, tokenizer: Tokenizer | None) -> dict:
     skipped: Counter[str] = Counter(index.skipped)
     dropped: Counter[str] = Counter()
     samples = images = tokens = 0
+    # Every sample is decoded: a bar where a terminal watches.
+    bar = tqdm(total=index.num_samples, unit="sample", desc=f"kosmos data inspect: {folder.name}", disable=None)
     for shard in index.shards:
         try:
             reader = ShardReader(sources.local_path(index.location(shard.name)))
         except sources.ShardUnreadable as error:
             skipped[error.reason] += shard.samples
+            bar.update(shard.samples)
             continue
         except (OSError, tarfile.TarError):
             skipped[Reason.UNREADABLE_SHARD] += shard.samples
+            bar.update(shard.samples)
             continue
         for i in range(shard.samples):
+            bar.update(1)
             try:
                 document = decode(reader.read(i), corpus)
                 if tokenizer is not None:
@@ -60,6 +67,7 @@ def inspect_corpus(folder: Path, tokenizer: Tokenizer | None) -> dict:
             images += sum(not isinstance(part, str) for part in document.parts)
             dropped.update(document.dropped_images)
         reader.close()
+    bar.close()
     return {
         "kind": index.kind,
         "shards": len(index.shards),

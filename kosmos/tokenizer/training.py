@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
+from tqdm import tqdm
 
 from kosmos.threads import available_cores
 from kosmos.tokenizer import SENTENCEPIECE_LAYOUT, Tokenizer, TokenizerError
@@ -109,7 +110,9 @@ def sample_sentences(
     skipped: Counts = Counter()
     for folder in folders:
         documents = 0
-        for texts in corpus_texts(folder, skipped, max_documents, seed):
+        # Reading a large corpus takes minutes: a bar where a terminal watches.
+        read = tqdm(corpus_texts(folder, skipped, max_documents, seed), unit="doc", desc=f"reading {folder}", disable=None)
+        for texts in read:
             documents += 1
             for text in texts:
                 for sentence in sentences(text):
