@@ -19,8 +19,6 @@ import pytest
 from conftest import REPO, clone_configs
 from PIL import Image
 
-pytestmark = pytest.mark.slow
-
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCED = re.compile(r"```([^\n]*)\n(.*?)```", re.DOTALL)
 SHELL = ("", "bash", "sh", "shell", "console")
@@ -100,6 +98,7 @@ def test_every_documented_command_is_run_or_has_a_reason():
     assert not stale, f"no longer in the docs (update RUN): {stale}"
 
 
+@pytest.mark.slow
 def test_the_documented_commands_run(tmp_path):
     clone_configs(tmp_path)
     digit = np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((8, 8), np.uint8))
