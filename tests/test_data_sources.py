@@ -372,3 +372,15 @@ def test_train_from_an_http_corpus(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged[-1] == 4
+
+
+def test_a_resume_that_changes_the_epoch_order_is_refused(tmp_path, tokenizer):
+    folder = tmp_path / "text"
+    write_text_corpus(folder, ["a.tar", "b.tar"])
+    loader = loader_for(text_config(folder), tokenizer)
+    steps(loader, 2)
+    state = loader.state_dict()
+    for key, value in (("shuffle_window", 7), ("shuffle_spans", 3)):
+        with pytest.raises(ConfigError, match=rf"data.{key}: the loader state was saved with \d+, not {value}"):
+            loader_for(text_config(folder, **{key: value}), tokenizer).load_state_dict(state)
+    loader_for(text_config(folder), tokenizer).load_state_dict(state)

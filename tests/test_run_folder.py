@@ -123,6 +123,18 @@ def test_each_launch_writes_its_config_and_appends_to_the_history(config, tmp_pa
         assert len(second["git"]["commit"]) == 40
 
 
+def test_no_credential_of_a_corpus_url_is_written_and_a_resume_sees_no_change(config, tmp_path, monkeypatch):
+    secret = "https://reader:hunter2@data.example/laion?X-Amz-Signature=hunter3"
+    cfg = changed(config, f"data.corpora.0.path={secret}")
+    monkeypatch.setattr(sys, "argv", ["kosmos", "train", f"data.corpora.0.path={secret}"])
+    record_launch(tmp_path, cfg, [], 0, None, ranks=1)
+    assert resume_changes(tmp_path, cfg, []) == []
+    record_launch(tmp_path, cfg, [], 10, "checkpoints/x", ranks=1)
+    written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
+    assert "hunter2" not in written and "hunter3" not in written and "reader" not in written
+    assert config_io.read_yaml(tmp_path / CONFIG)["data"]["corpora"][0]["path"] == "https://data.example/laion"
+
+
 HOLD = textwrap.dedent(
     """
     import sys, time

@@ -385,8 +385,13 @@ class StepLoader:
             content["holdout"] = self.cfg.validation.holdout
         return content
 
+    def _order(self) -> dict:
+        """The settings the epoch order depends on besides the seed: a resume must keep them."""
+        return {"shuffle_spans": self.cfg.shuffle_spans, "shuffle_window": self.cfg.shuffle_window}
+
     def state_dict(self) -> dict:
         return {
+            **self._order(),
             "version": STATE_VERSION,
             **self._layout(),
             "virtual_streams": self.virtual_streams,
@@ -409,6 +414,13 @@ class StepLoader:
                     f"data: the loader state does not fit this run (saved {content}, now {self._content()}); "
                     "resuming needs the same corpora and seed"
                 )
+            for key, now in self._order().items():  # (states saved before they were recorded lack them)
+                if saved.get(key, now) != now:
+                    raise ConfigError(
+                        f"data.{key}: the loader state was saved with {saved[key]}, not {now}; the epoch "
+                        "order depends on it, so a resume with another value would read some samples twice "
+                        "and others never (resume with the saved value)"
+                    )
         virtual = states[0]["virtual_streams"]
         if self.cfg.virtual_streams not in (0, virtual):
             raise ConfigError(

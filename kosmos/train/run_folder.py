@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from filelock import FileLock, Timeout
 
 from kosmos import config as config_io
 from kosmos.config import ConfigError, InputError, problems_of
+from kosmos.data.sources import scrubbed
 from kosmos.model import ModelConfig
 from kosmos.train.config import TrainConfig
 from kosmos.train.resume_keys import FREE_ON_RESUME, free_keys_listed
@@ -161,7 +163,7 @@ def resume_changes(run_dir: Path, cfg: TrainConfig, allowed: list[str]) -> list[
     recorded, never refused.
     """
     # Paths compared as the absolute paths they name (a config built in code may hold relative ones).
-    new = config_io.resolve_paths(TrainConfig, config_io.to_dict(cfg), Path.cwd())
+    new = scrubbed(config_io.resolve_paths(TrainConfig, config_io.to_dict(cfg), Path.cwd()))
     keys = flatten(new)
     for pattern in allowed:
         if not any(_covers(pattern, key) for key in keys):
@@ -250,9 +252,10 @@ def record_launch(
     resumed_from: str | None,
     ranks: int,
 ) -> None:
-    """Write the launch's config to `config.yaml` and append its line to `history.jsonl`."""
+    """Write the launch's config to `config.yaml` and append its line to `history.jsonl`; URLs in
+    either are written without user info or query (credentials come from the environment)."""
     partial = run_dir / (CONFIG + ".tmp")
-    config_io.dump(cfg, partial)
+    partial.write_text(yaml.safe_dump(scrubbed(config_io.to_dict(cfg)), sort_keys=False))
     os.replace(partial, run_dir / CONFIG)  # a launch that dies here leaves the previous config whole
     record = {
         "time": _now(),
@@ -269,7 +272,7 @@ def record_launch(
         "config": config_io.to_dict(cfg),
     }
     with open(run_dir / HISTORY, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(scrubbed(record)) + "\n")
 
 
 def record_event(run_dir: Path, record: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from kosmos import config as config_io
 from kosmos.checkpoint import load_weights, read_latest
 from kosmos.data.batch import Batch
 from kosmos.data.skips import Counts, Reason, saved
+from kosmos.data.sources import scrubbed
 from kosmos.model import KosmosModel, attention_pairs, training_flops
 from kosmos.model.attention import attends_per_document
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
@@ -116,7 +117,7 @@ class Trainer:
         self.metrics = MetricsLogger(
             run_dir,
             cfg.logging,
-            config_io.to_dict(cfg),
+            scrubbed(config_io.to_dict(cfg)),  # no credential in any URL of it
             start_step=self.state.step,
             max_steps=cfg.train.max_steps,
             enabled=env.is_main,
