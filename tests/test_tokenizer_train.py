@@ -158,3 +158,20 @@ def test_a_corpus_over_http_gives_the_sentences_of_the_same_corpus_on_disk(sampl
         over_http = list(corpus_texts(f"{url}/caption", remote, max_documents=50))
     assert over_http == list(corpus_texts(sample / "caption", local, max_documents=50))
     assert len(over_http) == 50 and remote == local
+
+
+def test_a_plain_prefix_of_shards_without_an_index_is_read_too(sample, tmp_path):
+    import shutil
+
+    from kosmos.data.serve import serve_http
+
+    plain = tmp_path / "bucket" / "caption"  # img2dataset's output: shards, no index.json
+    plain.mkdir(parents=True)
+    for shard in sample.glob("caption/*.tar"):
+        shutil.copy(shard, plain)
+    local: Counter[str] = Counter()
+    remote: Counter[str] = Counter()
+    with serve_http(tmp_path / "bucket") as (url, _):
+        over_http = list(corpus_texts(f"{url}/caption", remote, max_documents=50))
+    assert over_http == list(corpus_texts(sample / "caption", local, max_documents=50))
+    assert len(over_http) == 50 and remote == local

@@ -28,8 +28,10 @@ from kosmos.data.shards import (
     INDEX_FILE,
     SHARD_SUFFIXES,
     CorpusIndex,
+    MissingIndex,
     ShardDamaged,
     ShardInfo,
+    read_index,
     read_samples,
     write_index,
 )
@@ -171,3 +173,17 @@ def index_shards(
     for counted in counts:
         origins[counted.origin] += 1
     return index, origins
+
+
+def listed_index(location: str, kind: str = "caption") -> CorpusIndex:
+    """The index of the corpus at `location`, or, where there is none but shards lie there (a folder
+    or URL prefix of img2dataset's output, say), those shards as `list_shards` finds them, their
+    counts unknown (0), read as `kind`: for a look at a corpus that was never indexed."""
+    try:
+        return read_index(location)
+    except MissingIndex:
+        found = list_shards(location)
+        if not found:
+            raise
+    base = common_base(found)
+    return CorpusIndex(kind, [ShardInfo(loc[len(base) + 1 :] if base else loc, 0) for loc in found], base=base)

@@ -69,6 +69,10 @@ class CorpusIndex:
         return sources.join(self.base, shard, self.confined)
 
 
+class MissingIndex(ConfigError):
+    """A corpus location where the store says there is no index."""
+
+
 def index_location(folder: str | Path) -> str:
     return f"{str(folder).rstrip('/')}/{INDEX_FILE}"
 
@@ -84,7 +88,7 @@ def read_index(folder: str | Path, options: sources.ReadOptions = sources.DEFAUL
         text = sources.read_bytes(location, options)
     except sources.ShardUnreadable as error:
         if error.missing:
-            raise ConfigError(
+            raise MissingIndex(
                 f"{sources.redact(folder)}: no corpus index ({INDEX_FILE}): it does not exist or has no index"
             ) from None
         raise ConfigError(f"{shown}: cannot be read ({error.detail})") from None

@@ -16,7 +16,8 @@ from pathlib import Path
 from kosmos.data import sources
 from kosmos.data.config import CorpusConfig
 from kosmos.data.decode import DECODERS
-from kosmos.data.shards import ShardDamaged, read_index, read_samples
+from kosmos.data.indexer import listed_index
+from kosmos.data.shards import ShardDamaged, read_samples
 from kosmos.data.skips import Counts, Reason, SkipSample
 from kosmos.data.stream import ShardOpener, shuffled
 
@@ -25,9 +26,10 @@ def corpus_texts(
     location: str | Path, skipped: Counts, max_documents: int | None = None, seed: int = 0
 ) -> Iterator[list[str]]:
     """The text parts of each usable document of the corpus at `location` (a folder or URL, as a
-    training config names it); skips are added to `skipped`."""
+    training config names it, or a plain folder or URL prefix of shards); skips are added to
+    `skipped`."""
     location = str(location)
-    index = read_index(location)
+    index = listed_index(location)
     # No image is kept (and so none is decoded): at most zero images per document.
     corpus = CorpusConfig(kind=index.kind, path=location, tokens_per_step=1, max_images=0)
     # A caption pair's text is its caption, read without its image.
@@ -59,7 +61,8 @@ def corpus_texts(
                         documents += 1
                         yield [part for part in document.parts if isinstance(part, str)]
             except sources.ShardUnreadable as error:
-                skipped[error.reason] += shard.samples - read
+                sources.warn(f"{location}: shard {shard.name} skipped ({error})")
+                skipped[error.reason] += max(0, shard.samples - read)
             except ShardDamaged:
                 skipped[Reason.TRUNCATED_SHARD] += max(0, shard.samples - read)
     finally:
