@@ -140,6 +140,7 @@ def test_likelihood_ranks_with_candidate_tokens_only(tokenizer, tiny_config):
         for c in ("cat", "number seven")
     ]
     scores = sequence_log_likelihood(model, seqs, torch.cat([images, images]))
+    assert not scores.requires_grad  # scoring keeps no graph, also for a model in training mode
     for seq, score in zip(seqs, scores):
         alone = model(torch.tensor([seq.ids]), torch.tensor([seq.image_mask]), images,
                       labels=torch.tensor([seq.labels()]))

@@ -246,7 +246,6 @@ def _beam_search(
     return results
 
 
-@torch.no_grad()
 def inference_dtype(device: str | torch.device, fp32: bool) -> torch.dtype:
     """Evaluation's and generation's dtype: bf16 on a GPU that has it (fp32 there runs an order of
     magnitude slower, TF32 being off), unless `fp32`; fp32 on the CPU."""
@@ -255,6 +254,7 @@ def inference_dtype(device: str | torch.device, fp32: bool) -> torch.dtype:
     return torch.bfloat16
 
 
+@torch.no_grad()
 def sequence_log_likelihood(
     model: KosmosModel, sequences: Sequence[Encoded], images: torch.Tensor | None = None, greedy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
