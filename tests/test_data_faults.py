@@ -389,3 +389,39 @@ def test_names_outside_a_remote_base_and_odd_names(tmp_path, tokenizer):
         read_index(tmp_path / "bucket" / "text")
     with pytest.raises(ConfigError, match=r"data.corpora\[0\].path: pipe:cat ... is a pipe: command"):
         build_loader(text_config("pipe:cat x"), tokenizer, IMAGE_SIZE, SLOTS)
+
+
+# -- the cache and the fetch threads -------------------------------------------------------------------
+
+
+def test_the_cache_holds_its_bound_and_a_pending_download_does_not_hold_the_process(corpus, tmp_path):
+    folder, server, names = corpus
+    index = read_index(folder)
+    size = index.shards[0].size
+    cache = sources.ShardCache(str(tmp_path), sources.ReadOptions(cache_bytes=int(2.5 * size), timeout_s=0.5))
+    server.always[f"/text/{names[0]}"] = 503  # a failed download leaves nothing behind
+    try:
+        for shard in index.shards:
+            cache.prefetch(index.location(shard.name), shard.version)
+        for shard in index.shards[1:]:
+            with cache.open(index.location(shard.name), shard.version) as file:
+                assert file.read() == (Path(server.folder) / "text" / shard.name).read_bytes()
+                on_disk = sum(p.stat().st_size for p in Path(cache.folder).iterdir())
+                assert on_disk <= cache.options.cache_bytes and cache.on_disk() <= cache.options.cache_bytes
+    finally:
+        cache.close()
+    assert not Path(cache.folder).exists()
+
+    # A process whose cache has a download that never gets an answer still ends at once.
+    script = (
+        "import sys; from kosmos.data import sources\n"
+        "cache = sources.ShardCache(None, sources.ReadOptions(timeout_s=600))\n"
+        "cache.prefetch(sys.argv[1])\n"
+        "print('done', flush=True)\n"
+    )
+    server.always[f"/text/{names[1]}"] = "silent"
+    url = f"http://127.0.0.1:{server.server_address[1]}/text/{names[1]}"
+    done = subprocess.run(
+        [sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and done.stdout == "done\n"

@@ -332,8 +332,9 @@ def test_train_from_an_http_corpus(tmp_path):
     sample = tmp_path / "sample"
     build_sample(sample)
     with serve_http(tmp_path) as (url, _):
+        secret = url.replace("http://", "http://reader:hunter2@")  # never written, never printed
         corpora = [
-            {"kind": kind, "path": f"{url}/sample/{kind}", "tokens_per_step": tokens}
+            {"kind": kind, "path": f"{secret}/sample/{kind}", "tokens_per_step": tokens}
             for kind, tokens in (("text", 256), ("caption", 512), ("interleaved", 256))
         ]
         recipe = tmp_path / "train.yaml"
@@ -372,6 +373,9 @@ def test_train_from_an_http_corpus(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged[-1] == 4
+    for path in [p for p in run_dir.rglob("*") if p.is_file()]:
+        assert b"hunter2" not in path.read_bytes(), path
+    assert "hunter2" not in done.stdout + done.stderr
 
 
 def test_a_resume_that_changes_the_epoch_order_is_refused(tmp_path, tokenizer):
