@@ -192,6 +192,11 @@ class Trainer:
                 f"step {state.step}: {why}, after {state.rollbacks} rollbacks (train.spike.max_rollbacks "
                 f"{spike.max_rollbacks}); {last}"
             )
+        if Resize.find(self.checkpoints.latest_path(), self.env.world_size) is not None:
+            raise TrainingDiverged(
+                f"step {state.step}: {why}; the last checkpoint {latest} was saved by another number of "
+                f"ranks, and a rollback keeps the world size: resume from it as it was saved"
+            )
         counts = [None] * self.env.world_size
         dist.all_gather_object(counts, dict(self.read_since_good))
         passed_over = _sum_counts(counts)
@@ -199,11 +204,6 @@ class Trainer:
         spike_step, rollbacks = state.step, state.rollbacks + 1
         rolled_back = state.rolled_back_samples + sum(passed_over.values())
         saved = self.checkpoints.load(self.engine)["kosmos"]
-        if saved["world_size"] != self.env.world_size:
-            raise TrainingDiverged(
-                f"step {spike_step}: {why}; the last checkpoint {latest} was saved by {saved['world_size']} "
-                f"ranks, and a rollback keeps the world size: resume from it with that many"
-            )
         follow_config(self.engine.lr_scheduler, self.cfg.optimizer)
         state.load_state_dict(saved["train"])
         state.rollbacks, state.rolled_back_samples = rollbacks, rolled_back
