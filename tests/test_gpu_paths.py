@@ -97,3 +97,17 @@ def test_evaluation_joins_the_group_on_its_ranks_gpu(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     init_distributed()
     assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+
+
+def test_a_resized_resume_puts_each_step_where_adamw_reads_it():
+    """The fused kernel reads `step` on the parameter's device (here a meta device stands for the
+    GPU); the other kernels on the CPU. DeepSpeed's universal loader leaves them all on the CPU."""
+    from types import SimpleNamespace
+
+    from kosmos.train.elastic import place_optimizer_steps
+
+    fused, plain = (torch.nn.Parameter(torch.empty(3, device="meta")) for _ in range(2))
+    state = {p: {"step": torch.tensor(7.0), "exp_avg": torch.empty(3, device="meta")} for p in (fused, plain)}
+    groups = [{"params": [fused], "fused": True}, {"params": [plain], "fused": False, "capturable": False}]
+    place_optimizer_steps(SimpleNamespace(param_groups=groups, state=state))
+    assert state[fused]["step"].device.type == "meta" and state[plain]["step"].device.type == "cpu"

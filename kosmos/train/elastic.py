@@ -114,6 +114,18 @@ def _add_weights_outside_the_optimizer(checkpoint: Path, zero: Path) -> None:
             torch.save({PARAM: tensor.contiguous().float()}, zero / name / "fp32.pt")
 
 
+def place_optimizer_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Each parameter's `step` where torch's AdamW keeps it: on the parameter's device for the fused
+    (and capturable) kernels, which read it as a device pointer, else on the CPU. DeepSpeed's universal
+    loader leaves every one on the CPU."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(param.device if on_device else "cpu")
+
+
 @dataclass
 class Resize:
     """A resume on `world_size` ranks from `checkpoint`, which `saved_world_size` ranks wrote."""
@@ -150,6 +162,7 @@ class Resize:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {self.universal}")
         self._restore_group_settings(engine.optimizer.optimizer)
+        place_optimizer_steps(engine.optimizer.optimizer)
         self._restore_frozen_weights(engine.module)
         return client_state
 
