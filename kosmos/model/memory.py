@@ -7,12 +7,17 @@ of an activation (2 in bf16, 4 in fp32), V the vocabulary.
 
 One decoder layer keeps 9 N d e (the layer input, the LayerNorm outputs, q, k and v, the attention
 output, the residual sum) + 3 N f e (fc1 output, GELU output, FFN LayerNorm output) + 32 N (mean and
-inverse standard deviation of its four LayerNorms, fp32), and, by attention kernel:
-- `flash` (flash-attn on a GPU): the log-sum-exp of each query and head, 4 bytes;
-- `sdpa` (PyTorch's fused kernels, which receive the packed-document mask as a float tensor): that
-  mask, rows x seq_len^2 x e, in every layer, plus the log-sum-exp;
-- `math` (PyTorch's unfused kernel, which the CPU uses when attention dropout is on): the softmax,
-  its dropout noise and the dropped-out probabilities, 3 x rows x heads x seq_len^2 x e.
+inverse standard deviation of its four LayerNorms, fp32), and, by attention backend
+(`kosmos.model.attention`, the same names):
+- every fused kernel: the log-sum-exp of each query and head, 4 bytes;
+- `sdpa`: also the packed-document mask, which PyTorch's fused kernels receive as a float tensor,
+  rows x seq_len^2 x e, in every layer;
+- `documents`: also its gathered copies of q, k and v and its output before the scatter, 4 N d e
+  (rows packed with several documents; rows of one document each need none);
+- `flex`, `varlen`, `flash`: nothing more.
+`fused=False` is PyTorch's unfused math kernel, which the CPU runs for `sdpa` when attention dropout
+is on: the softmax, its dropout noise and the dropped-out probabilities, 3 x rows x heads x seq_len^2
+x e, instead of the log-sum-exp and mask.
 Dropout adds its mask after the attention and after the FFN (and on the embeddings): 1 byte per
 element on a GPU, e bytes on a CPU (where the mask is kept in the activation's dtype).
 
@@ -31,18 +36,15 @@ returns the parts and that peak; `docs/performance.md` compares it with measured
 
 from __future__ import annotations
 
-from typing import Literal
-
 from kosmos.model.config import ModelConfig
 from kosmos.model.loss import BLOCK_ELEMENTS
 
-Attention = Literal["flash", "sdpa", "math"]
 STAT_BYTES = 8  # a LayerNorm's fp32 mean and inverse standard deviation, per normalised vector
 INDEX_BYTES = 8  # int64 token ids and positions
 
 
 def decoder_layer_bytes(
-    cfg: ModelConfig, rows: int, seq_len: int, dtype_bytes: int, attention: Attention, mask_bytes: int
+    cfg: ModelConfig, rows: int, seq_len: int, dtype_bytes: int, backend: str, mask_bytes: int, fused: bool = True
 ) -> int:
     text, e = cfg.text, dtype_bytes
     tokens = rows * seq_len
@@ -52,15 +54,17 @@ def decoder_layer_bytes(
     if text.activation_dropout > 0:
         kept += tokens * text.ffn_width * mask_bytes
     scores = rows * text.heads * seq_len * seq_len
-    if attention == "math":
+    if not fused:
         return kept + 3 * scores * e
     kept += rows * text.heads * seq_len * 4  # log-sum-exp
-    if attention == "sdpa":
+    if backend == "sdpa":
         kept += rows * seq_len * seq_len * e
+    if backend == "documents":
+        kept += 4 * tokens * text.width * e
     return kept
 
 
-def vision_bytes(cfg: ModelConfig, images: int, dtype_bytes: int, attention: Attention) -> int:
+def vision_bytes(cfg: ModelConfig, images: int, dtype_bytes: int, fused: bool = True) -> int:
     """Trainable vision blocks, the tower's output norm and the connector, for `images` images."""
     vision, e = cfg.vision, dtype_bytes
     tokens, queries, width = vision.num_tokens, cfg.connector.num_queries, cfg.text.width
@@ -68,7 +72,7 @@ def vision_bytes(cfg: ModelConfig, images: int, dtype_bytes: int, attention: Att
     output = tokens * (3 * vision.width * e + STAT_BYTES + 8)  # ln_post, and the norms of F.normalize
     context = tokens + queries
     connector = width * e * (3 * context + 3 * queries)  # its q, k, v inputs and outputs, the output
-    if attention == "math" and cfg.text.attention_dropout > 0:
+    if not fused and cfg.text.attention_dropout > 0:
         connector += 3 * cfg.text.heads * queries * context * e
     else:
         connector += cfg.text.heads * queries * 4
@@ -82,14 +86,15 @@ def activation_memory(
     images: int,
     labelled: int,
     dtype_bytes: int,
-    attention: Attention,
+    backend: str,
     mask_bytes: int,
     checkpointed_layers: int = 0,
+    fused: bool = True,
 ) -> dict[str, int]:
     """Bytes kept for the backward pass by part, and `peak`: the most held at once during the step."""
     text, e = cfg.text, dtype_bytes
     tokens = rows * seq_len
-    layer = decoder_layer_bytes(cfg, rows, seq_len, dtype_bytes, attention, mask_bytes)
+    layer = decoder_layer_bytes(cfg, rows, seq_len, dtype_bytes, backend, mask_bytes, fused)
     checkpointed = min(checkpointed_layers, text.layers)
     embedding = tokens * INDEX_BYTES + (tokens if images else 0)  # ids; the image mask
     if text.dropout > 0:
@@ -102,7 +107,7 @@ def activation_memory(
         "decoder_layers": (text.layers - checkpointed) * layer + checkpointed * tokens * text.width * e,
         "embedding": embedding,
         "head": head,
-        "vision": vision_bytes(cfg, images, dtype_bytes, attention),
+        "vision": vision_bytes(cfg, images, dtype_bytes, fused),
     }
     kept = sum(parts.values())
     logits = labelled * text.vocab_size

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import get_args
 
+from kosmos.model.config import AttentionChoice
 from kosmos.threads import configure_threads
 from kosmos.train.resume_keys import free_keys_listed
 
@@ -41,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--mfu", type=float, action="append", help="model FLOP utilisation (repeatable; default 0.4 and 0.55)"
     )
-    plan.add_argument("--attention", choices=("flash", "sdpa"), help="GPU attention kernel (default: flash-attn)")
+    plan.add_argument(
+        "--attention",
+        choices=[name for name in get_args(AttentionChoice) if name != "auto"],
+        help="attention backend the GPUs train with (default: what model.attention resolves to on a GPU)",
+    )
     plan.add_argument("--probe-documents", type=int, default=16, help="documents read per corpus (default 16)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     train.set_defaults(handler=_train)

@@ -33,8 +33,7 @@ from kosmos.model import ModelConfig
 from kosmos.train.config import TrainConfig, input_problems
 
 GB = 2**30
-# Left for the CUDA context, the allocator's fragmentation and DeepSpeed's communication buckets,
-# which neither estimate counts.
+# Left for the CUDA context and the allocator's fragmentation, which no estimate counts.
 USABLE_MEMORY = 0.9
 # ZeRO settings planned: (stage, offload)
 ZERO_SETTINGS = ((1, False), (2, False), (2, True), (3, False), (3, True))
@@ -47,7 +46,7 @@ class Cluster:
     gpu_memory_gb: float
     peak_tflops: float
     mfu: list[float]
-    attention: str  # "flash" or "sdpa": the kernel the GPUs will run (see kosmos.model.memory)
+    attention: str  # the attention backend the GPUs will train with (kosmos.model.attention)
 
     @property
     def nodes(self) -> int:
@@ -172,6 +171,20 @@ def model_state_bytes(params: dict[str, int], stage: int, offload: bool, cluster
     return {"gpu": int(gpu), "host_per_node": int(cpu)}
 
 
+def communication_buffer_bytes(cfg: TrainConfig, stage: int, offload: bool) -> int:
+    """DeepSpeed's gradient buckets on each GPU, from the stage's DeepSpeed config (with
+    `deepspeed.extra`): ZeRO-1/2 reduce gradients through a bucket of `reduce_bucket_size` 16-bit
+    elements, two of them while the next fills (`overlap_comm`); ZeRO-3 through its reduce bucket
+    and its parameter prefetch bucket."""
+    from kosmos.train.engine import deepspeed_config
+
+    settings = dataclasses.replace(cfg.deepspeed, zero_stage=stage, offload=offload)
+    zero = deepspeed_config(dataclasses.replace(cfg, deepspeed=settings), 1, bf16=True)["zero_optimization"]
+    if stage == 3:
+        return 2 * (zero.get("reduce_bucket_size", 0) + zero.get("stage3_prefetch_bucket_size", 0))
+    return 2 * zero.get("reduce_bucket_size", 0) * (2 if zero.get("overlap_comm") else 1)
+
+
 def worst_micro_batch(cfg: TrainConfig, rows: int, **memory) -> int:
     """Peak activation bytes of the most demanding micro-batch of `rows` rows: all text, every
     position labelled; or rows packed with images (the most a row can hold: a caption pair needs
@@ -189,14 +202,15 @@ def worst_micro_batch(cfg: TrainConfig, rows: int, **memory) -> int:
 
 def memory_table(cfg: TrainConfig, params: dict[str, int], rows_per_rank: int, cluster: Cluster) -> list[dict]:
     bf16 = cfg.deepspeed.bf16 is not False
-    memory = {"dtype_bytes": 2 if bf16 else 4, "attention": cluster.attention, "mask_bytes": 1}
+    memory = {"dtype_bytes": 2 if bf16 else 4, "backend": cluster.attention, "mask_bytes": 1}
     usable = USABLE_MEMORY * cluster.gpu_memory_gb * GB
     micro_batch = cfg.data.micro_batch_size
     divisors = [d for d in range(1, rows_per_rank + 1) if rows_per_rank % d == 0]
     table = []
     for stage, offload in ZERO_SETTINGS:
         estimate = model_state_bytes(params, stage, offload, cluster)
-        states = estimate["gpu"]
+        buffers = communication_buffer_bytes(cfg, stage, offload)
+        states = estimate["gpu"] + buffers
         for checkpointing in (False, True):
             layers = cfg.model.text.layers if checkpointing else 0
             # The configured micro-batch is one of the divisors (the step layout was checked).
@@ -207,7 +221,8 @@ def memory_table(cfg: TrainConfig, params: dict[str, int], rows_per_rank: int, c
                     "zero_stage": stage,
                     "offload": offload,
                     "activation_checkpointing": checkpointing,
-                    "model_states_gb": round(states / GB, 2),
+                    "model_states_gb": round(estimate["gpu"] / GB, 2),
+                    "communication_buffers_gb": round(buffers / GB, 2),
                     "activations_gb": round((total - states) / GB, 2),
                     "total_gb": round(total / GB, 2),
                     "fits": total <= usable,
@@ -330,6 +345,20 @@ def format_plan(report: dict) -> str:
     return "\n".join(lines)
 
 
+def training_backend(cfg: TrainConfig) -> str:
+    """The attention backend `model.attention` trains with on a GPU, with the packages installed here
+    (`auto` resolved; a named one as named, which the GPU node may have where this machine has not)."""
+    import torch
+
+    from kosmos.model.attention import choose_backend
+
+    if cfg.model.attention != "auto":
+        return cfg.model.attention
+    dtype = torch.bfloat16 if cfg.deepspeed.bf16 is not False else torch.float32
+    dropout = cfg.model.text.attention_dropout > 0
+    return choose_backend("auto", torch.device("cuda"), dtype, needs_grad=True, dropout=dropout)
+
+
 def dry_run(args) -> int:
     """`kosmos train --dry-run`: validate and print the plan (exit 0), or raise ConfigError (exit 2).
 
@@ -373,7 +402,7 @@ def dry_run(args) -> int:
         gpu_memory_gb=memory,
         peak_tflops=peak / 1e12 if peak else dict(PEAK_BF16_TFLOPS)["H100"],
         mfu=mfu,
-        attention=args.attention or ("sdpa" if cfg.model.attention == "sdpa" else "flash"),
+        attention=args.attention or training_backend(cfg),
     )
     report = plan(cfg, cluster, args.probe_documents)
     print(json.dumps(report) if args.json else format_plan(report))
