@@ -67,6 +67,8 @@ class LoopConfig:
     init_from: str | None = field(default=None, metadata=config_io.PATH)
     # torch.compile each decoder layer (fuses its element-wise work; compiled once, on the first step).
     compile: bool = False
+    # Repeatable on a GPU: deterministic algorithms only (kosmos.train.state.use_deterministic_algorithms).
+    deterministic: bool = False
     # Intra-op threads of each training process (default: its cores less one per loader worker;
     # kosmos.threads).
     threads: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,6 +32,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def use_deterministic_algorithms() -> None:
+    """`train.deterministic`: every kernel deterministic, so that a run on GPUs repeats bit for bit.
+
+    PyTorch's deterministic algorithms (an operation without one raises, naming itself), cuBLAS with
+    a fixed workspace (read when its first handle is made, so set before any CUDA work), no cuDNN
+    autotuning; the attention backends narrow to those with a deterministic backward
+    (`kosmos.model.attention`), flash-attn's with its `deterministic` flag.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def rng_state() -> dict[str, Any]:
