@@ -4,7 +4,9 @@ replaced by the strict stand-ins of `standins`; what only a GPU can show is in `
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 import standins
@@ -111,3 +113,47 @@ def test_a_resized_resume_puts_each_step_where_adamw_reads_it():
     groups = [{"params": [fused], "fused": True}, {"params": [plain], "fused": False, "capturable": False}]
     place_optimizer_steps(SimpleNamespace(param_groups=groups, state=state))
     assert state[fused]["step"].device.type == "meta" and state[plain]["step"].device.type == "cpu"
+
+
+def test_a_training_step_never_reads_the_device(tiny_config, monkeypatch):
+    """Its bookkeeping on a meta device, which has no values to read: any host sync (`.item()`,
+    `int()`, a comparison on the host) would raise. On the CPU the same sums are the batch's counts."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from kosmos.bench.common import synthetic_packed_batch
+    from kosmos.tokenizer import IGNORE_INDEX
+    from kosmos.train.trainer import LABELLED, LOSS_SUM, TOKENS, Trainer
+
+    batch = dataclasses.replace(synthetic_packed_batch(tiny_config, rows=2, seq_len=96), corpora=("caption", "text"))
+    steps = []
+    for device in ("meta", "cpu"):
+        trainer = Trainer.__new__(Trainer)
+        trainer.env = SimpleNamespace(device=torch.device(device), world_size=1)
+        trainer.corpora, trainer.per_document_attention = ["text", "caption"], True
+        trainer.cfg = SimpleNamespace(model=tiny_config)
+        token_loss = torch.ones(2, 96, device=device, requires_grad=True)
+        engine = type("Engine", (), {"__call__": lambda self, loss=token_loss, **b: SimpleNamespace(token_loss=loss)})
+        trainer.engine = engine()
+        trainer.engine.backward = lambda loss, scale_wrt_gas: steps.append(loss.shape)
+        trainer.engine.step = lambda: None
+        monkeypatch.setattr(dist, "all_reduce", lambda tensor: None)
+        sums = trainer._train_step([batch])
+    assert steps == [torch.Size([]), torch.Size([])]
+    labelled = (batch.labels != IGNORE_INDEX).sum(1)
+    assert sums[1, LABELLED] == labelled[0] and sums[0, LABELLED] == labelled[1]  # caption row, text row
+    assert sums[:, LOSS_SUM].tolist() == [96.0, 96.0]
+    assert sums[:, TOKENS].sum() == (batch.segment_ids > 0).sum()
+
+
+def test_deterministic_mode_sets_what_a_repeatable_gpu_run_needs(monkeypatch):
+    from kosmos.train.state import use_deterministic_algorithms
+
+    calls = []
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: calls.append(mode))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    use_deterministic_algorithms()
+    assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.benchmark is False

@@ -37,7 +37,13 @@ from kosmos.train.optim import follow_config
 from kosmos.train.preemption import StopRequest
 from kosmos.train.run_folder import RunLock, record_event, record_launch, resume_changes
 from kosmos.train.spike import SpikeDetector, TrainingDiverged
-from kosmos.train.state import TrainState, rng_state, seed_everything, set_rng_state
+from kosmos.train.state import (
+    TrainState,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    use_deterministic_algorithms,
+)
 from kosmos.train.validation import ValidationSet
 
 T = TypeVar("T")
@@ -241,42 +247,49 @@ class Trainer:
         Returns this step's per-corpus sums (SUMS: LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES,
         ATTENTION_PAIRS).
         """
-        device = self.env.device
-        labelled = torch.tensor(
-            [sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)], device=device
-        )
+        # Counted on the host: the step never waits for the device (no sync, no blocking copy).
+        labelled = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)
+        labelled = self._to_device(torch.tensor([labelled], dtype=torch.float64))
         dist.all_reduce(labelled)
         # DeepSpeed averages gradients over ranks; scaling by the world size makes the result the
         # gradient of the mean loss over every labelled token of the step.
-        scale = self.env.world_size / max(1, int(labelled.item()))
-        sums = torch.zeros(len(self.corpora), len(SUMS), dtype=torch.float64, device=device)
+        scale = (self.env.world_size / labelled.clamp(min=1)).squeeze(0)
+        sums = torch.zeros(len(self.corpora), len(SUMS), dtype=torch.float64, device=self.env.device)
         for mb in micro_batches:
-            batch = mb.to(device, non_blocking=True)
-            output = self.engine(**batch.inputs())
-            self.engine.backward(output.token_loss.sum() * scale, scale_wrt_gas=False)
+            output = self.engine(**mb.to(self.env.device, non_blocking=True).inputs())
+            loss = output.token_loss.sum() * scale.to(output.token_loss.dtype)
+            self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
-            sums += self._batch_sums(mb, batch, output.token_loss.detach())
+            sums += self._batch_sums(mb, output.token_loss.detach())
         return sums
 
-    def _batch_sums(self, host_batch: Batch, batch: Batch, token_loss: torch.Tensor) -> torch.Tensor:
-        """Per-corpus sums of one micro-batch (`batch` is `host_batch` on the device)."""
-        # Counted from the host copy: document lengths on the device would cost a sync per micro-batch.
-        pairs = attention_pairs(host_batch.segment_ids, self.per_document_attention)
-        rows = torch.stack(
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """`host` on the device, queued like a kernel (from pinned memory): the host does not wait."""
+        if self.env.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.env.device, non_blocking=True)
+
+    def _batch_sums(self, host_batch: Batch, token_loss: torch.Tensor) -> torch.Tensor:
+        """Per-corpus sums of one micro-batch: the loss from the device, the counts from the host copy
+        of the batch, which reach the device in one copy that the host does not wait for."""
+        rows, length = host_batch.segment_ids.shape
+        counts = torch.stack(
             [
-                token_loss.double().sum(1),
-                (batch.labels != IGNORE_INDEX).sum(1).double(),
-                (batch.segment_ids > 0).sum(1).double(),
-                torch.full_like(token_loss[:, 0], token_loss.shape[1], dtype=torch.float64),
-                batch.image_mask.sum(1).double() / self.cfg.model.connector.num_queries,
-                pairs.to(token_loss.device, non_blocking=True),
+                (host_batch.labels != IGNORE_INDEX).sum(1).double(),
+                (host_batch.segment_ids > 0).sum(1).double(),
+                torch.full((rows,), float(length), dtype=torch.float64),
+                host_batch.image_mask.sum(1).double() / self.cfg.model.connector.num_queries,
+                attention_pairs(host_batch.segment_ids, self.per_document_attention).double(),
             ],
             dim=1,
         )
-        which = torch.tensor([self.corpora.index(name) for name in host_batch.corpora], device=rows.device)
-        return torch.zeros(len(self.corpora), len(SUMS), dtype=torch.float64, device=rows.device).index_add_(
-            0, which, rows
+        which = torch.tensor([self.corpora.index(name) for name in host_batch.corpora])
+        corpus_of_row = torch.nn.functional.one_hot(which, len(self.corpora)).double()  # [rows, corpora]
+        corpus_of_row, counts = self._to_device(torch.cat([corpus_of_row, counts], 1)).split(
+            [len(self.corpora), counts.shape[1]], dim=1
         )
+        losses = token_loss.double().sum(1, keepdim=True)
+        return corpus_of_row.T @ torch.cat([losses, counts], 1)
 
     # -- logging --------------------------------------------------------------------------------
 
@@ -412,6 +425,8 @@ def train(cfg: TrainConfig, run_dir: Path, allowed_changes: list[str] | None = N
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
     check_inputs(cfg)
+    if cfg.train.deterministic:
+        use_deterministic_algorithms()  # before any CUDA work
     env = init_distributed()
     lock = RunLock(run_dir) if env.is_main else None
     trainer = None
