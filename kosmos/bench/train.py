@@ -125,6 +125,7 @@ def set_up(args: argparse.Namespace, cfg) -> TrainBench:
     from kosmos.model import KosmosModel
     from kosmos.model.attention import CHOICES, choose_backend
     from kosmos.train.engine import build_engine, init_distributed, use_bf16
+    from kosmos.train.state import use_deterministic_algorithms
 
     backends = args.attention.split(",") if args.attention else [cfg.model.attention]
     unknown = [name for name in backends if name not in CHOICES]
@@ -133,6 +134,8 @@ def set_up(args: argparse.Namespace, cfg) -> TrainBench:
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
+    if cfg.train.deterministic:
+        use_deterministic_algorithms()  # before any CUDA work, as the trainer does
     env = init_distributed()
     device, bf16 = env.device, use_bf16(cfg.deepspeed.bf16)
     dtype = torch.bfloat16 if bf16 else torch.float32
