@@ -157,3 +157,19 @@ def test_deterministic_mode_sets_what_a_repeatable_gpu_run_needs(monkeypatch):
     use_deterministic_algorithms()
     assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_a_batch_with_too_few_image_slots_stops_on_the_host(tiny_config):
+    """Before it reaches a GPU, where the check is a device-side assertion that poisons the context."""
+    from types import SimpleNamespace
+
+    from kosmos.bench.common import synthetic_batch
+    from kosmos.train.trainer import Trainer
+
+    batch = synthetic_batch(tiny_config, rows=1, seq_len=64, images_per_row=1)
+    bad = dataclasses.replace(batch, image_mask=batch.image_mask.clone().fill_(False), corpora=("caption",))
+    trainer = Trainer.__new__(Trainer)
+    trainer.env = SimpleNamespace(device=torch.device("meta"), world_size=1)
+    trainer.cfg = SimpleNamespace(model=tiny_config)
+    with pytest.raises(ValueError, match="1 images need 16 image slots, the batch has 0"):
+        trainer._train_step([bad])

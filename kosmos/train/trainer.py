@@ -27,6 +27,7 @@ from kosmos.data.skips import Counts, Reason, saved
 from kosmos.data.sources import scrubbed
 from kosmos.model import KosmosModel, attention_pairs, training_flops
 from kosmos.model.attention import attends_per_document
+from kosmos.model.kosmos import check_image_slots
 from kosmos.tokenizer import IGNORE_INDEX, Tokenizer
 from kosmos.train.checkpoint import CheckpointManager
 from kosmos.train.config import TrainConfig, check_inputs
@@ -247,6 +248,10 @@ class Trainer:
         Returns this step's per-corpus sums (SUMS: LOSS_SUM, LABELLED, TOKENS, POSITIONS, IMAGES,
         ATTENTION_PAIRS).
         """
+        # Checked on the host, where a bad batch is an error; on the GPU it would be a device-side
+        # assertion, which leaves the CUDA context unusable.
+        for mb in micro_batches:
+            check_image_slots(mb.image_mask, 0 if mb.images is None else len(mb.images), self.image_slots)
         # Counted on the host: the step never waits for the device (no sync, no blocking copy).
         labelled = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)
         labelled = self._to_device(torch.tensor([labelled], dtype=torch.float64))
@@ -263,6 +268,10 @@ class Trainer:
             sums += self._batch_sums(mb, output.token_loss.detach())
         return sums
 
+    @property
+    def image_slots(self) -> int:
+        return self.cfg.model.connector.num_queries
+
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """`host` on the device, queued like a kernel (from pinned memory): the host does not wait."""
         if self.env.device.type == "cuda":
@@ -278,7 +287,7 @@ class Trainer:
                 (host_batch.labels != IGNORE_INDEX).sum(1).double(),
                 (host_batch.segment_ids > 0).sum(1).double(),
                 torch.full((rows,), float(length), dtype=torch.float64),
-                host_batch.image_mask.sum(1).double() / self.cfg.model.connector.num_queries,
+                host_batch.image_mask.sum(1).double() / self.image_slots,
                 attention_pairs(host_batch.segment_ids, self.per_document_attention).double(),
             ],
             dim=1,
