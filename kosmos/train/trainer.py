@@ -114,6 +114,9 @@ class Trainer:
             seed_everything(cfg.train.seed + env.rank)  # each rank its own dropout masks
 
         self.peak_flops = peak_flops(cfg.logging, env.device, self.bf16)
+        if self.peak_flops:  # the MFU convention, named once in the log: a spec peak, not a measured one
+            source = "logging.peak_tflops" if cfg.logging.peak_tflops else "the GPU's dense bf16 spec"
+            self._print(f"mfu: against {self.peak_flops / 1e12:g} TFLOP/s per GPU ({source})")
         # MFU counts the attention the backend does: per packed document, or over whole rows.
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         backend = self.model.attention_backend(env.device, dtype, needs_grad=True)
