@@ -21,7 +21,7 @@ from kosmos.data import DataConfig, build_loader
 from kosmos.data.batch import Batch
 from kosmos.data.decode import DECODERS, Document
 from kosmos.data.inspection import inspect
-from kosmos.data.shards import CorpusIndex, ShardInfo, ShardReader, write_index
+from kosmos.data.shards import CorpusIndex, ShardInfo, read_samples, write_index
 from kosmos.tokenizer import IGNORE_INDEX, PAD
 
 IMAGE_SIZE = 16
@@ -504,11 +504,13 @@ def test_bad_input_is_skipped_and_counted_by_reason(bad_corpora, tokenizer):
     assert report["corpora"]["interleaved"]["dropped_images"] == {"over_max_images": 2, "small_image": 1}
 
 
-def test_shard_reader_reads_only_text_json_and_image_members(tmp_path):
+def test_shard_reads_keep_only_text_json_and_image_members(tmp_path):
     write_shard(
         tmp_path / "a.tar", [{"txt": b"hello", "json": b"{}", "png": png(), "pyd": b"\x80\x04.", "npy": b"x"}]
     )
-    assert sorted(ShardReader(tmp_path / "a.tar").read(0).members) == ["json", "png", "txt"]
+    with open(tmp_path / "a.tar", "rb") as file:
+        (sample,) = read_samples(file, "a.tar")
+    assert sorted(sample.members) == ["json", "png", "txt"]
 
 
 # -- configuration --------------------------------------------------------------------------------

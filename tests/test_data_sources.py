@@ -23,7 +23,9 @@ from PIL import Image
 
 from kosmos.config import ConfigError, from_dict
 from kosmos.data import DataConfig, DataError, build_loader
+from kosmos.data.batch import Batch
 from kosmos.data.indexer import index_shards
+from kosmos.data.inspection import inspect
 from kosmos.data.serve import serve_http, serve_s3
 from kosmos.data.shards import CorpusIndex, ShardInfo, read_index, write_index
 
@@ -111,7 +113,7 @@ def expected_samples() -> set[tuple[str, int]]:
     return {(name, i) for name, (held, claimed) in SHARDS.items() for i in range(min(held, claimed or held))}
 
 
-def steps(loader, n: int) -> list[tuple[list[dict], list]]:
+def steps(loader, n: int) -> list[tuple[list[Batch], list]]:
     out = []
     for batches in itertools.islice(loader, n):
         out.append((batches, list(loader.last_step_samples)))
@@ -123,8 +125,9 @@ def same_batches(a: list, b: list) -> None:
     for (want, want_refs), (got, got_refs) in zip(a, b):
         assert want_refs == got_refs
         for x, y in zip(want, got, strict=True):
-            for key in ("input_ids", "image_mask", "images", "labels", "position_ids", "segment_ids"):
-                assert torch.equal(getattr(x, key), getattr(y, key)), key
+            assert x.corpora == y.corpora
+            for key, tensor in x.inputs().items():
+                assert torch.equal(tensor, getattr(y, key)), key
 
 
 def test_messages_show_no_credentials():
@@ -388,3 +391,78 @@ def test_a_resume_that_changes_the_epoch_order_is_refused(tmp_path, tokenizer):
         with pytest.raises(ConfigError, match=rf"data.{key}: the loader state was saved with \d+, not {value}"):
             loader_for(text_config(folder, **{key: value}), tokenizer).load_state_dict(state)
     loader_for(text_config(folder), tokenizer).load_state_dict(state)
+
+
+def tar_bytes(samples: list[dict[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with webdataset.TarWriter(out, encoder=False, mtime=0) as tar:
+        for i, sample in enumerate(samples):
+            tar.write({"__key__": f"{i:04d}", **sample})
+    return out.getvalue()
+
+
+def pair(i: int) -> dict[str, bytes]:
+    return {"jpg": jpeg(6 * i % 250), "txt": f"picture {i}".encode()}
+
+
+def small_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, "PNG")
+    return out.getvalue()
+
+
+def cut(data: bytes) -> bytes:
+    """A shard cut short halfway, as an interrupted copy leaves it."""
+    return data[: len(data) // 2]
+
+
+@pytest.fixture(scope="module")
+def planted_corpus(tmp_path_factory) -> Path:
+    """A caption corpus of plain, gzip and zstandard shards with bad samples and bad shards planted in
+    it, by the counts its index claims; every reason a sample or shard can be lost under appears."""
+    zstandard = pytest.importorskip("zstandard")
+    import gzip
+
+    root = tmp_path_factory.mktemp("planted") / "corpus"
+    root.mkdir()
+    shards = {  # name: (bytes, samples the index claims)
+        "a.tar": (
+            tar_bytes(
+                [pair(0), pair(1), {"jpg": b"not an image", "txt": b"x"}, {"jpg": jpeg(5)}, {"txt": b"alone"}]
+            ),
+            5,
+        ),
+        "b.tar.gz": (
+            gzip.compress(tar_bytes([pair(2), {"png": small_png(), "txt": b"tiny"}, pair(3)]), mtime=0),
+            3,
+        ),
+        "c.tar.zst": (
+            zstandard.ZstdCompressor().compress(tar_bytes([pair(4), {"jpg": jpeg(6)[:300], "txt": b"cut"}])),
+            2,
+        ),
+        "d.tgz": (cut(gzip.compress(tar_bytes([pair(i) for i in range(5, 35)]), mtime=0)), 30),
+        "e.tar": (tar_bytes([pair(i) for i in range(35, 41)]), 4),  # holds 2 more than its count
+        "f.tar.gz": (gzip.compress(tar_bytes([pair(41), pair(42)]), mtime=0), 4),  # 2 fewer
+        "g.tar": (b"not a tar file\n" * 80, 3),
+        "h.tar.zst": (b"", 2),  # listed, never written
+    }
+    for name, (data, _) in shards.items():
+        if data:
+            (root / name).write_bytes(data)
+    write_index(root, CorpusIndex("caption", [ShardInfo(name, n) for name, (_, n) in shards.items()]))
+    return root
+
+
+def test_inspect_counts_what_an_epoch_of_training_meets_locally_and_over_http(planted_corpus, tokenizer):
+    reasons = {
+        "not_an_image", "missing_text", "missing_image", "small_image", "corrupt_image", "truncated_shard",
+        "shard_longer_than_index", "shard_shorter_than_index", "unreadable_shard",
+    }  # fmt: skip
+    with serve_http(planted_corpus.parent) as (url, _):
+        for location in (str(planted_corpus), f"{url}/{planted_corpus.name}"):
+            seen, skipped = epoch_of(data_config(location), tokenizer, world_size=1)
+            report = inspect(location, tokenizer)
+            assert report["samples"] == len(seen) > 0
+            assert report["skipped"] == dict(skipped)
+            assert set(skipped) == reasons
+

@@ -25,7 +25,7 @@ from kosmos.data.scienceqa import (
     prompt_parts,
     target_text,
 )
-from kosmos.data.shards import ShardReader, read_index
+from kosmos.data.shards import read_index, read_samples
 from kosmos.data.stream import encode_document
 from kosmos.eval.cache import CheckpointIdentity
 from kosmos.eval.mmcot import answer_problems, generate_rationales, score_answers
@@ -183,12 +183,10 @@ def shard_documents(folder: Path, tokenizer) -> dict[str, tuple]:
     corpus = CorpusConfig(kind="instruction", path=str(folder), tokens_per_step=1)
     out = {}
     for shard in read_index(folder).shards:
-        reader = ShardReader(folder / shard.name)
-        for i in range(shard.samples):
-            raw = reader.read(i)
-            document = DECODERS["instruction"](raw, corpus)
-            out[json.loads(raw.members["json"])["id"]] = (document, encode_document(document, tokenizer, 4))
-        reader.close()
+        with open(folder / shard.name, "rb") as file:
+            for raw in read_samples(file, shard.name):
+                document = DECODERS["instruction"](raw, corpus)
+                out[json.loads(raw.members["json"])["id"]] = (document, encode_document(document, tokenizer, 4))
     return out
 
 

@@ -102,11 +102,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.set_defaults(handler=_index)
 
     inspect = commands.add_parser("inspect", help="samples, tokens, images and skips of a corpus folder")
-    inspect.add_argument("folder", type=Path, help="a corpus folder, or a folder of corpus folders")
+    inspect.add_argument(
+        "folder", help="a corpus folder or URL (s3://, https://, ...), or a local folder of corpus folders"
+    )
     inspect.add_argument(
         "--tokenizer",
         type=Path,
-        help="SentencePiece model for token counts (default: FOLDER/tokenizer.model)",
+        help="SentencePiece model for token counts (default: FOLDER/tokenizer.model, of a local FOLDER)",
     )
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(handler=_inspect)
@@ -166,12 +168,14 @@ def _index(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from kosmos.config import ConfigError
+    from kosmos.data import sources
     from kosmos.data.inspection import inspect
     from kosmos.tokenizer import Tokenizer, TokenizerError
 
-    tokenizer_file = args.tokenizer or args.folder / "tokenizer.model"
+    local = Path(sources.local_path(args.folder)) / "tokenizer.model" if sources.is_local(args.folder) else None
+    tokenizer_file = args.tokenizer or local
     try:
-        tokenizer = Tokenizer(tokenizer_file) if args.tokenizer or tokenizer_file.is_file() else None
+        tokenizer = Tokenizer(tokenizer_file) if args.tokenizer or (local and local.is_file()) else None
     except TokenizerError as error:
         raise ConfigError(f"--tokenizer: {error}") from None
     report = inspect(args.folder, tokenizer)

@@ -1,13 +1,15 @@
 """`kosmos data inspect`: read a corpus the way the loader does and count what it finds.
 
-Every sample is decoded with the loader's decoders and default limits (images under 64x64 dropped,
-at most 5 per interleaved document), so the skip counts are the ones training will meet, plus those
-the builder already counted in the index.
+A corpus, local or remote (any location of `sources.py`), is walked as a training epoch reads it
+(`walk_corpus`: the same shard reader, decompression, sources and skip rules), and every sample is
+decoded with the loader's decoders and default limits (images under 64x64 dropped, at most 5 per
+interleaved document), so the skip counts are the ones an epoch of training meets, plus those the
+builder already counted in the index. Two depend on a training config and are not counted here:
+`too_long` (its `seq_len`) and `held_out` (its validation share); `no_tokens` needs a tokenizer.
 """
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -16,58 +18,60 @@ from tqdm import tqdm
 from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.config import INDEX_FILE, CorpusConfig
-from kosmos.data.decode import DECODERS
-from kosmos.data.shards import ShardReader, read_index
-from kosmos.data.skips import Reason, SkipSample
-from kosmos.data.stream import encode_document
+from kosmos.data.shards import index_location, read_index
+from kosmos.data.skips import Counts, Reason, SkipSample, saved
+from kosmos.data.stream import LazyCache, ShardOpener, usable_document, walk_corpus
 from kosmos.tokenizer import Tokenizer
 
 
-def corpus_folders(folder: Path) -> dict[str, Path]:
-    """The corpus at `folder`, or the corpora in its subfolders (e.g. the sample corpus's root)."""
-    if (folder / INDEX_FILE).is_file():
-        return {folder.name: folder}
-    found = {p.parent.name: p.parent for p in sorted(folder.glob(f"*/{INDEX_FILE}"))}
+def corpus_locations(location: str) -> dict[str, str]:
+    """The corpus at `location`, or the corpora in the subfolders of a local folder (e.g. the sample
+    corpus's root), by name."""
+    location = location.rstrip("/")
+    if sources.exists(index_location(location)):
+        return {location.rsplit("/", 1)[-1]: location}
+    found = {}
+    if sources.is_local(location):
+        found = {
+            p.parent.name: str(p.parent)
+            for p in sorted(Path(sources.local_path(location)).glob(f"*/{INDEX_FILE}"))
+        }
     if not found:
-        raise ConfigError(f"{folder}: no corpus index ({INDEX_FILE}) here or in its subfolders")
+        raise ConfigError(
+            f"{sources.redact(location)}: no corpus index ({INDEX_FILE}) here or in its subfolders"
+        )
     return found
 
 
-def inspect_corpus(folder: Path, tokenizer: Tokenizer | None) -> dict:
-    """Counts for one corpus folder. `tokens` (image slots not counted) needs a tokenizer."""
-    index = read_index(folder)
-    corpus = CorpusConfig(kind=index.kind, path=str(folder), tokens_per_step=1)
-    decode = DECODERS[index.kind]
-    skipped: Counter[str] = Counter(index.skipped)
-    dropped: Counter[str] = Counter()
+def inspect_corpus(name: str, location: str, tokenizer: Tokenizer | None) -> dict:
+    """Counts for one corpus. `tokens` (image slots not counted) needs a tokenizer."""
+    index = read_index(location)
+    corpus = CorpusConfig(kind=index.kind, path=location, tokens_per_step=1)
+    skipped: Counts = Counter(index.skipped)
+    dropped: Counts = Counter()
     samples = images = tokens = 0
     # Every sample is decoded: a bar where a terminal watches.
-    bar = tqdm(total=index.num_samples, unit="sample", desc=f"kosmos data inspect: {folder.name}", disable=None)
-    for shard in index.shards:
-        try:
-            reader = ShardReader(sources.local_path(index.location(shard.name)))
-        except sources.ShardUnreadable as error:
-            skipped[error.reason] += shard.samples
-            bar.update(shard.samples)
-            continue
-        except (OSError, tarfile.TarError):
-            skipped[Reason.UNREADABLE_SHARD] += shard.samples
-            bar.update(shard.samples)
-            continue
-        for i in range(shard.samples):
+    bar = tqdm(total=index.num_samples, unit="sample", desc=f"kosmos data inspect: {name}", disable=None)
+    cache = LazyCache(None, sources.DEFAULT_OPTIONS)
+    walk = walk_corpus(name, index, ShardOpener(index, cache))
+    try:
+        for _, raw, extra in walk:
             bar.update(1)
+            if extra:
+                skipped[Reason.SHARD_LONGER_THAN_INDEX] += extra
             try:
-                document = decode(reader.read(i), corpus)
-                if tokenizer is not None:
-                    tokens += len(encode_document(document, tokenizer, num_image_tokens=0))
+                document, encoded = usable_document(raw, corpus, tokenizer, num_image_tokens=0, seq_len=None)
             except SkipSample as skip:
                 skipped[skip.reason] += 1
                 continue
             samples += 1
+            tokens += len(encoded) if encoded is not None else 0
             images += sum(not isinstance(part, str) for part in document.parts)
             dropped.update(document.dropped_images)
-        reader.close()
-    bar.close()
+    finally:
+        walk.close()
+        cache.close()
+        bar.close()
     return {
         "kind": index.kind,
         "shards": len(index.shards),
@@ -75,16 +79,18 @@ def inspect_corpus(folder: Path, tokenizer: Tokenizer | None) -> dict:
         "samples": samples,
         "tokens": tokens if tokenizer is not None else None,
         "images": images,
-        "skipped": dict(sorted(skipped.items())),
-        "dropped_images": dict(sorted(dropped.items())),
+        "skipped": saved(skipped),
+        "dropped_images": saved(dropped),
     }
 
 
-def inspect(folder: str | Path, tokenizer: Tokenizer | None = None) -> dict:
-    """Totals over the corpora at `folder`, with each corpus under `corpora`."""
-    corpora = {name: inspect_corpus(path, tokenizer) for name, path in corpus_folders(Path(folder)).items()}
-    skipped: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
+def inspect(location: str | Path, tokenizer: Tokenizer | None = None) -> dict:
+    """Totals over the corpora at `location` (a folder or URL), with each corpus under `corpora`."""
+    corpora = {
+        name: inspect_corpus(name, path, tokenizer) for name, path in corpus_locations(str(location)).items()
+    }
+    skipped: Counts = Counter()
+    dropped: Counts = Counter()
     for report in corpora.values():
         skipped.update(report["skipped"])
         dropped.update(report["dropped_images"])
@@ -93,7 +99,7 @@ def inspect(folder: str | Path, tokenizer: Tokenizer | None = None) -> dict:
         "samples": sum(r["samples"] for r in corpora.values()),
         "tokens": sum(r["tokens"] for r in corpora.values()) if tokenizer is not None else None,
         "images": sum(r["images"] for r in corpora.values()),
-        "skipped": dict(sorted(skipped.items())),
-        "dropped_images": dict(sorted(dropped.items())),
+        "skipped": saved(skipped),
+        "dropped_images": saved(dropped),
         "corpora": corpora,
     }

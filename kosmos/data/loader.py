@@ -42,7 +42,7 @@ from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
 from kosmos.data.shards import CorpusIndex, read_index
 from kosmos.data.skips import Counts
-from kosmos.data.stream import CorpusStream, SampleRef, ShardOpener, stream_block, virtual_state
+from kosmos.data.stream import CorpusStream, LazyCache, SampleRef, ShardOpener, stream_block, virtual_state
 from kosmos.tokenizer import Tokenizer
 
 STATE_VERSION = 2
@@ -64,13 +64,7 @@ def corpus_reader(
     """The whole of one corpus as a single stream in its epoch order, read as training reads it
     (sources, cache, decoding, skip counting): for a look at a corpus outside training, or its
     held-out samples (`holdout`)."""
-    cache: list[sources.ShardCache] = []
-
-    def shard_cache() -> sources.ShardCache:
-        if not cache:
-            cache.append(sources.ShardCache(None, read_options(cfg)))
-        return cache[0]
-
+    cache = LazyCache(None, read_options(cfg))
     stream = CorpusStream(
         corpus,
         index,
@@ -84,7 +78,7 @@ def corpus_reader(
         num_streams=1,
         spans=cfg.shuffle_spans,
         window=cfg.shuffle_window,
-        opener=ShardOpener(index, shard_cache),
+        opener=ShardOpener(index, cache),
         max_skip_fraction=cfg.max_skip_fraction,
         holdout=holdout,
     )
@@ -92,8 +86,7 @@ def corpus_reader(
         yield stream
     finally:
         stream.close()
-        for each in cache:
-            each.close()
+        cache.close()
 
 
 class StepBuilder:
@@ -116,9 +109,7 @@ class StepBuilder:
         self.cfg = cfg
         self.rows = rows
         self.image_size = image_size
-        self.options = read_options(cfg)
-        self.cache_root = cache_root
-        self._cache: sources.ShardCache | None = None
+        self.cache = LazyCache(cache_root, read_options(cfg))
         holdout = Holdout(cfg.validation.holdout, validation=False) if cfg.validation.holdout else None
         self.packers = {
             corpus.name: RowPacker(
@@ -144,11 +135,6 @@ class StepBuilder:
             )
             for corpus in cfg.corpora
         }
-
-    def cache(self) -> sources.ShardCache:
-        if self._cache is None:
-            self._cache = sources.ShardCache(self.cache_root, self.options)
-        return self._cache
 
     def next_step(self) -> tuple[list[Batch], list[SampleRef], list[tuple[SampleRef, str]]]:
         """The step's micro-batches, the documents that began in it, and the samples it skipped."""
@@ -176,8 +162,7 @@ class StepBuilder:
     def close(self) -> None:
         for packer in self.packers.values():
             packer.stream.close()
-        if self._cache is not None:
-            self._cache.close()
+        self.cache.close()
 
 
 class _Steps(IterableDataset):

@@ -5,9 +5,9 @@ its base name, as webdataset groups them); the rest of the name is the member's 
 `0.png`). The index makes an epoch, and a position inside it, countable without reading the shards.
 Its `base` says where the shards lie (default: beside the index; any location of `sources.py`).
 
-The loader reads shards in one sequential pass (`read_samples`). Local tools that want random access
-to an uncompressed local shard use `ShardReader`. Only members whose suffix ends in a text, JSON or
-image extension are read; anything else (pickles included) is never touched.
+Every reader of a shard (training, `kosmos data inspect`, tokenizer text, indexing) reads it in one
+sequential pass (`read_samples`). Only members whose suffix ends in a text, JSON or image extension
+are read; anything else (pickles included) is never touched.
 """
 
 from __future__ import annotations
@@ -292,56 +292,3 @@ def read_samples(file: BinaryIO, name: str) -> Iterator[RawSample]:
         raise
     except Exception as error:  # noqa: BLE001 - tarfile, gzip and zstandard raise many types on bad data
         raise ShardDamaged(f"{type(error).__name__}: {error}") from None
-
-
-class ShardReader:
-    """Random access to the samples of one shard. Opening it reads the tar headers only.
-
-    A truncated shard keeps the samples before the damage; asking for one beyond it, or for one the
-    index counts but the shard lacks, raises `SkipSample(Reason.TRUNCATED_SHARD)`.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._tar = tarfile.open(self.path, mode="r:")  # noqa: SIM115 - open while samples are read
-        self._samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
-        try:
-            for member in self._tar:
-                self._add(member)
-        except (tarfile.TarError, OSError, EOFError):
-            pass  # truncated: the samples before the damage stay readable
-
-    def _add(self, member: tarfile.TarInfo) -> None:
-        if not member.isreg():
-            return
-        key, suffix = _key_and_suffix(member.name)
-        if key is None or member.name.rsplit("/", 1)[-1].startswith(("__", ".")):
-            return
-        if not self._samples or self._samples[-1][0] != key:
-            self._samples.append((key, {}))
-        self._samples[-1][1][suffix.lower()] = member
-
-    def __len__(self) -> int:
-        return len(self._samples)
-
-    def read(self, i: int) -> RawSample:
-        if i >= len(self._samples):
-            raise SkipSample(Reason.TRUNCATED_SHARD, f"{self.path} ends before sample {i}")
-        key, members = self._samples[i]
-        out = {}
-        for suffix, member in members.items():
-            if suffix.rsplit(".", 1)[-1] not in READABLE_EXTENSIONS:
-                continue
-            if member.size > MAX_MEMBER_BYTES:
-                raise SkipSample(Reason.OVERSIZED_MEMBER, f"{member.name} has {member.size} bytes")
-            try:
-                data = self._tar.extractfile(member).read()
-            except (tarfile.TarError, OSError, EOFError) as error:
-                raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name}: {error}") from None
-            if len(data) != member.size:
-                raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name} is cut short")
-            out[suffix] = data
-        return RawSample(key, out)
-
-    def close(self) -> None:
-        self._tar.close()

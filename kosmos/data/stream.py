@@ -24,7 +24,7 @@ import bisect
 import itertools
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
 
@@ -91,6 +91,28 @@ def encode_document(document: Document, tokenizer: Tokenizer, num_image_tokens: 
     if len(encoded) - sum(encoded.image_mask) - markers <= 0:
         raise SkipSample(Reason.NO_TOKENS)
     return encoded
+
+
+def usable_document(
+    raw: RawSample | SkipSample,
+    corpus: CorpusConfig,
+    tokenizer: Tokenizer | None,
+    num_image_tokens: int,
+    seq_len: int | None,
+) -> tuple[Document, Encoded | None]:
+    """The document a sample holds and, given a tokenizer, its token layout; `SkipSample` when
+    training would not use it (`too_long` only when `seq_len` is given)."""
+    if isinstance(raw, SkipSample):
+        raise raw
+    if raw.problem is not None:
+        raise raw.problem
+    document = DECODERS[corpus.kind](raw, corpus)
+    if tokenizer is None:
+        return document, None
+    encoded = encode_document(document, tokenizer, num_image_tokens)
+    if seq_len is not None and corpus.kind not in SPLITTABLE_KINDS and len(encoded) > seq_len:
+        raise SkipSample(Reason.TOO_LONG, f"{len(encoded)} tokens")
+    return document, encoded
 
 
 def shuffled(n: int, *seed_parts: object) -> list[int]:
@@ -167,12 +189,31 @@ class EpochPlan:
         return [span.start + j for j in shuffled(len(span), *self.seed_parts, w)]
 
 
+class LazyCache:
+    """The cache of remote shards of one process, made when first needed: a process that reads only
+    local shards never makes one."""
+
+    def __init__(self, root: str | None, options: sources.ReadOptions):
+        self.root, self.options = root, options
+        self._cache: sources.ShardCache | None = None
+
+    def __call__(self) -> sources.ShardCache:
+        if self._cache is None:
+            self._cache = sources.ShardCache(self.root, self.options)
+        return self._cache
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
 class ShardOpener:
     """Opens the shards of one corpus for a sequential read: local ones in place, remote ones through
-    the process's cache (made when first needed); a shard that is not the version its index recorded
-    is refused (`shard_changed`)."""
+    the process's cache; a shard that is not the version its index recorded is refused
+    (`shard_changed`)."""
 
-    def __init__(self, index: CorpusIndex, cache: Callable[[], sources.ShardCache]):
+    def __init__(self, index: CorpusIndex, cache: LazyCache):
         self.index = index
         self.cache = cache
         self.versions = {shard.name: shard.version for shard in index.shards}
@@ -221,6 +262,17 @@ class LaneReader:
             self.close()
         return sample, extra
 
+    def read_to_end(self, shard: int) -> Iterator[RawSample | SkipSample]:
+        """Every sample of shard `shard`, whatever its index count, then why it broke off if it did."""
+        self._open(shard)
+        while self.failure is None:
+            sample = self._advance()
+            if isinstance(sample, RawSample):
+                yield sample
+        if self.failure.reason != Reason.SHARD_SHORTER_THAN_INDEX:  # not merely its end
+            yield self.failure
+        self.close()
+
     def _open(self, shard: int) -> None:
         self.close()
         self.shard, self.next_index, self.failure = shard, 0, None
@@ -265,6 +317,32 @@ class LaneReader:
             self.file.close()
             self.file = None
         self.shard = None
+
+
+def walk_corpus(
+    corpus: str,
+    index: CorpusIndex,
+    opener: ShardOpener,
+    order: Iterable[int] | None = None,
+    counted: bool = True,
+) -> Iterator[tuple[SampleRef, RawSample | SkipSample, int]]:
+    """Every sample the index counts, once, shard by shard (`order`: shard numbers, default the index's
+    order), each front to back, read as a training epoch reads it: the sample or why it cannot be had,
+    and, at a shard's last counted sample, how many more samples the shard holds. Not `counted` (shards
+    listed without counts): every sample each shard holds, and where it breaks off."""
+    lane = LaneReader(corpus, index, opener, failed={})
+    try:
+        for shard in range(len(index.shards)) if order is None else order:
+            info = index.shards[shard]
+            if not counted:
+                for i, raw in enumerate(lane.read_to_end(shard)):
+                    yield SampleRef(corpus, 0, info.name, i), raw, 0
+                continue
+            for i in range(info.samples):
+                raw, extra = lane.read(shard, i)
+                yield SampleRef(corpus, 0, info.name, i), raw, extra
+    finally:
+        lane.close()
 
 
 class VirtualStream:
@@ -395,7 +473,6 @@ class CorpusStream:
         self.no_images = torch.empty(0, 3, image_size, image_size)
         self.num_image_tokens = num_image_tokens
         self.seq_len = seq_len
-        self.decode = DECODERS[corpus.kind]
         self.max_skip_fraction = max_skip_fraction
         self.virtual = [
             VirtualStream(corpus.name, index, seed, v, num_streams, spans, window, opener) for v in streams
@@ -429,10 +506,6 @@ class CorpusStream:
                     continue
             stream.tried += 1
             try:
-                if isinstance(raw, SkipSample):
-                    raise raw
-                if raw.problem is not None:
-                    raise raw.problem
                 document = self._encode(ref, stream.number, position, raw)
             except SkipSample as skip:
                 stream.skipped[skip.reason] += 1
@@ -489,11 +562,10 @@ class CorpusStream:
         skips, self.skip_log = self.skip_log, []
         return skips
 
-    def _encode(self, ref: SampleRef, stream: int, position: int, raw: RawSample) -> EncodedDocument:
-        document = self.decode(raw, self.corpus)
-        encoded = encode_document(document, self.tokenizer, self.num_image_tokens)
-        if self.corpus.kind not in SPLITTABLE_KINDS and len(encoded) > self.seq_len:
-            raise SkipSample(Reason.TOO_LONG, f"{len(encoded)} tokens")
+    def _encode(
+        self, ref: SampleRef, stream: int, position: int, raw: RawSample | SkipSample
+    ) -> EncodedDocument:
+        document, encoded = usable_document(raw, self.corpus, self.tokenizer, self.num_image_tokens, self.seq_len)
         images = [self.transform(p) for p in document.parts if isinstance(p, Image.Image)]
         ids = torch.tensor(encoded.ids, dtype=torch.long)
         return EncodedDocument(
