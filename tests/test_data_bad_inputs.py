@@ -3,6 +3,7 @@ reason and go on (no crash, no hang, nothing lost uncounted)."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import struct
@@ -303,7 +304,8 @@ def header_offset(path: Path, name: str) -> int:
         return tar.getmember(name).offset
 
 
-def test_caption_shards_count_every_sample_they_leave_out(tmp_path, capsys):
+def damaged_shards(tmp_path: Path) -> list[Path]:
+    """Shards damaged as img2dataset output can be: garbage between members, cut short, odd keys."""
     # Damage in the middle: a garbage block before sample 2, another in place of sample 4's headers.
     damaged = tmp_path / "damaged.tar"
     write_tar(damaged, [(f"{i:04d}", pair(i)) for i in range(6)])
@@ -328,9 +330,12 @@ def test_caption_shards_count_every_sample_they_leave_out(tmp_path, capsys):
             info = tarfile.TarInfo(f"twice.{suffix}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return [damaged, cut, odd]
 
+
+def test_caption_shards_count_every_sample_they_leave_out(tmp_path, capsys):
     out = tmp_path / "caption"
-    assert build("caption", "--shards", damaged, cut, odd, "--out", out) == 0
+    assert build("caption", "--shards", *damaged_shards(tmp_path), "--out", out) == 0
     index = read_index(out)
     assert index.skipped == {"bad_tar_header": 2, "truncated_shard": 1, "hidden_key": 2, "duplicate_key": 2}
     # 5 of 6 damaged (sample 4 is lost in the garbage), 2 of 3 cut, 2 plain ones of the odd shard.
@@ -339,3 +344,27 @@ def test_caption_shards_count_every_sample_they_leave_out(tmp_path, capsys):
     assert all(reason in summary for reason in index.skipped)
     report = inspect(out)
     assert (report["samples"], report["skipped"]) == (index.num_samples, index.skipped)
+
+
+def test_compressed_caption_shards_are_built_and_counted_as_the_plain_ones(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    damaged, cut, odd = damaged_shards(tmp_path)
+    compressed = [tmp_path / "damaged.tar.gz", tmp_path / "cut.tgz", tmp_path / "odd.tar.zst"]
+    compressed[0].write_bytes(gzip.compress(damaged.read_bytes(), mtime=0))
+    compressed[1].write_bytes(gzip.compress(cut.read_bytes(), mtime=0))
+    compressed[2].write_bytes(zstandard.ZstdCompressor().compress(odd.read_bytes()))
+    assert build("caption", "--shards", damaged, cut, odd, "--out", tmp_path / "plain") == 0
+    assert build("caption", "--shards", *compressed, "--out", tmp_path / "compressed") == 0
+    plain, index = read_index(tmp_path / "plain"), read_index(tmp_path / "compressed")
+    assert (index.num_samples, index.skipped) == (plain.num_samples, plain.skipped)
+    report = inspect(tmp_path / "compressed")
+    assert (report["samples"], report["skipped"]) == (index.num_samples, index.skipped)
+
+    # The compressed stream itself cut short: the samples before the cut are kept, the cut is counted.
+    whole = tmp_path / "whole.tar"
+    write_tar(whole, [(f"{i:04d}", pair(i)) for i in range(4)])
+    packed = gzip.compress(whole.read_bytes(), mtime=0)
+    (tmp_path / "cut-stream.tar.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    assert build("caption", "--shards", tmp_path / "cut-stream.tar.gz", "--out", tmp_path / "cut-stream") == 0
+    index = read_index(tmp_path / "cut-stream")
+    assert 1 <= index.num_samples < 4 and index.skipped == {"truncated_shard": 1}

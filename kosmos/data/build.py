@@ -8,9 +8,11 @@ can be tokenized. Image paths are read only inside the folder they are relative 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +20,18 @@ from tqdm import tqdm
 
 from kosmos.config import ConfigError
 from kosmos.data.decode import check_unicode, load_json
-from kosmos.data.shards import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, CorpusIndex, CorpusWriter
+from kosmos.data.shards import (
+    COMPRESSED_SUFFIXES,
+    IMAGE_EXTENSIONS,
+    MAX_MEMBER_BYTES,
+    CorpusIndex,
+    CorpusWriter,
+    ShardDamaged,
+    decompressed,
+    is_hidden,
+    read_member,
+    split_member_name,
+)
 from kosmos.data.skips import Reason, SkipSample
 
 
@@ -189,13 +202,15 @@ def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> Corp
 
     Nothing is lost uncounted: a key group with a hidden name (`.KEY`, `__KEY__`) is counted as
     `hidden_key`; a key whose suffixes repeat holds several samples that cannot be told apart, each
-    counted as `duplicate_key`; damage is read past (`bad_tar_header`, `truncated_shard`)."""
+    counted as `duplicate_key`; damage is read past (`bad_tar_header`, `truncated_shard`). A shard
+    may be compressed as the loader reads them (`.tar.gz`, `.tgz`, `.tar.zst`)."""
     for path in shards:
         if not _require(path, "--shards").is_file():  # a FIFO would block the build
             raise ConfigError(f"--shards: {path} is not a regular file")
-        try:
-            tarfile.open(path, mode="r:").close()
-        except (OSError, tarfile.TarError) as error:
+        try:  # its first header
+            with path.open("rb") as file:
+                tarfile.TarInfo.frombuf(decompressed(file, path.name).read(tarfile.BLOCKSIZE), "utf-8", "strict")
+        except Exception as error:  # noqa: BLE001 - tarfile, gzip and zstandard raise many types on bad data
             raise ConfigError(f"--shards: {path} is not a readable tar file ({error})") from None
     with (
         CorpusWriter(out, "caption", **shard_options) as writer,
@@ -203,18 +218,39 @@ def build_caption_shards(shards: list[Path], out: Path, **shard_options) -> Corp
     ):
         for path in shards:
             bar.update()
-            with tarfile.open(path, mode="r:") as tar:
-                for key, samples in _key_groups(_regular_members(tar, path, writer.skip)):
+            with _plain_tar(path) as plain, tarfile.open(plain, mode="r:") as tar:
+                for key, samples in _key_groups(_regular_members(tar, plain, writer.skip)):
                     for members in samples:
                         try:
-                            if key.rpartition("/")[2].startswith((".", "__")):
+                            if is_hidden(key):
                                 raise SkipSample(Reason.HIDDEN_KEY, key)
                             if len(samples) > 1:
                                 raise SkipSample(Reason.DUPLICATE_KEY, key)
                             writer.write(_caption_pair(tar, members))
                         except SkipSample as skip:
                             writer.skip(skip.reason)
+                        except ShardDamaged:
+                            writer.skip(Reason.TRUNCATED_SHARD)
     return writer.index
+
+
+@contextlib.contextmanager
+def _plain_tar(path: Path) -> Iterator[Path]:
+    """The uncompressed tar of a shard: the shard itself, or its decompressed bytes in a temporary
+    file (as many as its compression yields: a cut is then met where the tar stops), so that damage
+    can be read past."""
+    if not path.name.endswith(COMPRESSED_SUFFIXES):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="kosmos-build-") as folder, path.open("rb") as file:
+        plain = Path(folder) / "plain.tar"
+        stream = decompressed(file, path.name)
+        # A cut or damaged compression keeps what came before it (gzip and zstandard raise many types);
+        # `read1` hands over what it has decompressed before it meets the damage.
+        with plain.open("wb") as out, contextlib.suppress(Exception):
+            while chunk := stream.read1(1 << 20):
+                out.write(chunk)
+        yield plain
 
 
 def _regular_members(
@@ -276,11 +312,11 @@ def _padded(size: int) -> int:
 def _key_groups(
     members: Iterator[tarfile.TarInfo],
 ) -> Iterator[tuple[str, list[dict[str, tarfile.TarInfo]]]]:
-    """Runs of members sharing a key, as webdataset groups them, each split into its samples: a
+    """Runs of members sharing a key, as the loader groups them, each split into its samples: a
     suffix met again under the same key starts another sample."""
     key, samples = None, []
     for member in members:
-        member_key, suffix = _split_member_name(member.name)
+        member_key, suffix = split_member_name(member.name)
         if member_key != key:
             if samples:
                 yield key, samples
@@ -292,38 +328,17 @@ def _key_groups(
         yield key, samples
 
 
-def _split_member_name(name: str) -> tuple[str, str]:
-    """(key, suffix): the key ends at the first dot of the base name, as webdataset splits names;
-    the leading dots of a hidden name (`.KEY.jpg`) stay in its key."""
-    folder, slash, base = name.rpartition("/")
-    stem = base.lstrip(".")
-    cut = len(base) - len(stem) + (stem.index(".") if "." in stem else len(stem))
-    return folder + slash + base[:cut], base[cut + 1 :].lower()
-
-
 def _caption_pair(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> dict[str, bytes]:
     image = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     if image is None:
         raise SkipSample(Reason.MISSING_IMAGE)
     sample = {
-        image.replace("jpeg", "jpg"): _read_member(tar, members[image]),
-        "txt": _text(_utf8(_read_member(tar, members["txt"]) if "txt" in members else None)),
+        image.replace("jpeg", "jpg"): read_member(tar, members[image]),
+        "txt": _text(_utf8(read_member(tar, members["txt"]) if "txt" in members else None)),
     }
     if "json" in members:
-        sample["json"] = _read_member(tar, members["json"])
+        sample["json"] = read_member(tar, members["json"])
     return sample
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    if member.size > MAX_MEMBER_BYTES:
-        raise SkipSample(Reason.OVERSIZED_MEMBER, f"{member.name} has {member.size} bytes")
-    try:
-        data = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name}: {error}") from None
-    if len(data) != member.size:
-        raise SkipSample(Reason.TRUNCATED_SHARD, f"{member.name} is cut short")
-    return data
 
 
 def _utf8(data: bytes | None) -> str | None:

@@ -27,7 +27,8 @@ from kosmos.data import sources
 from kosmos.data.skips import Counts, Reason, SkipSample, saved
 
 INDEX_FILE = "index.json"
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst")
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.zst")
+SHARD_SUFFIXES = (".tar", *COMPRESSED_SUFFIXES)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 READABLE_EXTENSIONS = ("txt", "json", *IMAGE_EXTENSIONS)
 # Refuse members larger than this without reading them.
@@ -238,21 +239,40 @@ def decompressed(file: BinaryIO, name: str) -> BinaryIO:
     return file
 
 
-def _key_and_suffix(name: str) -> tuple[str | None, str | None]:
-    """A member's sample key and suffix, split as webdataset splits them (imported when first needed:
-    it imports torch, which reading an index does without)."""
-    from webdataset.tariterators import base_plus_ext
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, suffix): the key ends at the first dot of the base name, as webdataset splits names;
+    the leading dots of a hidden name (`.KEY.jpg`) stay in its key."""
+    folder, slash, base = name.rpartition("/")
+    stem = base.lstrip(".")
+    cut = len(base) - len(stem) + (stem.index(".") if "." in stem else len(stem))
+    return folder + slash + base[:cut], base[cut + 1 :].lower()
 
-    return base_plus_ext(name)
+
+def is_hidden(key: str) -> bool:
+    return key.rpartition("/")[2].startswith((".", "__"))
+
+
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A member's bytes; one over MAX_MEMBER_BYTES is refused unread (`oversized_member`), one the
+    file ends inside raises `ShardDamaged`."""
+    if member.size > MAX_MEMBER_BYTES:
+        raise SkipSample(Reason.OVERSIZED_MEMBER, f"{member.name} has {member.size} bytes")
+    try:
+        data = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ShardDamaged(f"{member.name}: {error}") from None
+    if len(data) != member.size:
+        raise ShardDamaged(f"{member.name} is cut short")
+    return data
 
 
 def _is_sample_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
     if not member.isreg():
         return None
-    key, suffix = _key_and_suffix(member.name)
-    if key is None or member.name.rsplit("/", 1)[-1].startswith(("__", ".")):
+    key, suffix = split_member_name(member.name)
+    if not suffix or is_hidden(key):
         return None
-    return key, suffix.lower()
+    return key, suffix
 
 
 def read_samples(file: BinaryIO, name: str) -> Iterator[RawSample]:
@@ -275,13 +295,10 @@ def read_samples(file: BinaryIO, name: str) -> Iterator[RawSample]:
                 suffix = found[1]
                 if suffix.rsplit(".", 1)[-1] not in READABLE_EXTENSIONS:
                     continue
-                if member.size > MAX_MEMBER_BYTES:
-                    problem = SkipSample(Reason.OVERSIZED_MEMBER, f"{member.name} has {member.size} bytes")
-                    continue
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise ShardDamaged(f"{member.name} is cut short")
-                members[suffix] = data
+                try:
+                    members[suffix] = read_member(tar, member)
+                except SkipSample as skip:
+                    problem = skip
             if key is not None:
                 yield RawSample(key, members, problem)
             # tarfile ends an archive quietly at a header it cannot parse; data after it is damage.

@@ -67,8 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kosmos.config import ConfigError
-    from kosmos.data import sources
-    from kosmos.data.inspection import corpus_folders
+    from kosmos.data.inspection import corpus_locations
     from kosmos.tokenizer import TokenizerError
     from kosmos.tokenizer.training import placeholder_count, sample_sentences, train_sentencepiece
 
@@ -81,12 +80,8 @@ def _train(args: argparse.Namespace) -> int:
     if out.exists():
         raise ConfigError(f"--out: {out} already exists; choose another")
     folders: list = []
-    for corpus in args.corpus:
-        if sources.is_url(corpus):  # a remote corpus: its index is read where it lies
-            folders.append(corpus.removesuffix("/index.json"))
-            continue
-        path = Path(corpus)
-        folders += corpus_folders(path.parent if path.name == "index.json" else path).values()
+    for corpus in args.corpus:  # a corpus (folder, URL or its index), or a local folder of corpora
+        folders += corpus_locations(corpus.removesuffix("index.json").rstrip("/") or ".").values()
     sentences, report = sample_sentences(folders, args.max_sentences, args.max_documents, args.seed)
     if not sentences:
         raise ConfigError(f"--corpus: no text in {', '.join(map(str, folders))} (skipped: {report.skipped})")
