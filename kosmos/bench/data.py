@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,32 +96,28 @@ def bench_data(args: argparse.Namespace) -> int:
 def bare_decode_and_resize(folder: Path, num_samples: int, image_size: int) -> int:
     """Read `num_samples` samples of a corpus in shard order (cycling), decode text and JSON, decode
     and CLIP-resize images; nothing else. Returns the number of images."""
-    from webdataset.tariterators import base_plus_ext
-
     from kosmos.data.decode import decode_image, image_transform
-    from kosmos.data.shards import IMAGE_EXTENSIONS, read_index
+    from kosmos.data.shards import IMAGE_EXTENSIONS, read_index, read_samples
 
     transform = image_transform(image_size)
-    shards = [folder / shard.name for shard in read_index(folder).shards]
-    seen, images, key = 0, 0, None
+    shards = [shard.name for shard in read_index(folder).shards]
+    seen, images = 0, 0
     while seen < num_samples:
-        for shard in shards:
-            with tarfile.open(shard, mode="r|") as tar:
-                for member in tar:
-                    name_key, suffix = base_plus_ext(member.name)
-                    if name_key != key:
-                        if seen == num_samples:
-                            return images
-                        key, seen = name_key, seen + 1
-                    data = tar.extractfile(member).read()
-                    extension = suffix.rsplit(".", 1)[-1]
-                    if extension in IMAGE_EXTENSIONS:
-                        transform(decode_image(data))
-                        images += 1
-                    elif extension == "json":
-                        json.loads(data)
-                    else:
-                        data.decode("utf-8")
+        for name in shards:
+            with open(folder / name, "rb") as file:
+                for sample in read_samples(file, name):
+                    if seen == num_samples:
+                        return images
+                    seen += 1
+                    for suffix, data in sample.members.items():
+                        extension = suffix.rsplit(".", 1)[-1]
+                        if extension in IMAGE_EXTENSIONS:
+                            transform(decode_image(data))
+                            images += 1
+                        elif extension == "json":
+                            json.loads(data)
+                        else:
+                            data.decode("utf-8")
     return images
 
 
