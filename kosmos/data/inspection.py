@@ -18,28 +18,23 @@ from tqdm import tqdm
 from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.config import INDEX_FILE, CorpusConfig
-from kosmos.data.shards import index_location, read_index
+from kosmos.data.shards import read_index
 from kosmos.data.skips import Counts, Reason, SkipSample, saved
 from kosmos.data.stream import LazyCache, ShardOpener, usable_document, walk_corpus
 from kosmos.tokenizer import Tokenizer
 
 
 def corpus_locations(location: str) -> dict[str, str]:
-    """The corpus at `location`, or the corpora in the subfolders of a local folder (e.g. the sample
-    corpus's root), by name."""
+    """The corpus at `location` (a remote one is read where it lies), or the corpora in the subfolders
+    of a local folder (e.g. the sample corpus's root), by name."""
     location = location.rstrip("/")
-    if sources.exists(index_location(location)):
+    if not sources.is_local(location) or (Path(sources.local_path(location)) / INDEX_FILE).is_file():
         return {location.rsplit("/", 1)[-1]: location}
-    found = {}
-    if sources.is_local(location):
-        found = {
-            p.parent.name: str(p.parent)
-            for p in sorted(Path(sources.local_path(location)).glob(f"*/{INDEX_FILE}"))
-        }
+    found = {
+        p.parent.name: str(p.parent) for p in sorted(Path(sources.local_path(location)).glob(f"*/{INDEX_FILE}"))
+    }
     if not found:
-        raise ConfigError(
-            f"{sources.redact(location)}: no corpus index ({INDEX_FILE}) here or in its subfolders"
-        )
+        raise ConfigError(f"{location}: no corpus index ({INDEX_FILE}) here or in its subfolders")
     return found
 
 
