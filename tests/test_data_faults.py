@@ -425,3 +425,27 @@ def test_the_cache_holds_its_bound_and_a_pending_download_does_not_hold_the_proc
         [sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0 and done.stdout == "done\n"
+
+
+def test_an_index_that_answers_503_or_nothing_at_the_start(tmp_path, tokenizer):
+    write_shards(tmp_path / "text", 2)
+    index_shards([str(tmp_path / "text")], tmp_path / "text", "text")
+    with faulty_server(tmp_path) as (url, server):
+        server.faults["/text/index.json"] = [503, 503]
+        build_loader(text_config(f"{url}/text"), tokenizer, IMAGE_SIZE, SLOTS)
+        assert server.requests["/text/index.json"] == 3
+        server.always["/text/index.json"] = "silent"
+        with pytest.raises(ConfigError, match=r"index.json: cannot be read \(.*timed out"):
+            build_loader(text_config(f"{url}/text", read_retry_s=1, read_timeout_s=0.3), tokenizer, 16, 4)
+
+
+def test_a_store_this_installation_cannot_read_is_a_config_error(tmp_path):
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        done = kosmos("data", "index", "gs://bucket/laion/", "--out", str(tmp_path / "gs"))
+        assert done.returncode == 2 and "SRC: gs://bucket/laion/: cannot read gs://" in done.stderr
+        assert "Traceback" not in done.stderr
+    else:
+        pytest.skip("gcsfs is installed")

@@ -40,7 +40,7 @@ from kosmos.data.config import CorpusConfig, DataConfig, check_streams, read_opt
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
-from kosmos.data.shards import CorpusIndex, read_index
+from kosmos.data.shards import CorpusIndex
 from kosmos.data.skips import Counts
 from kosmos.data.stream import CorpusStream, LazyCache, SampleRef, ShardOpener, stream_block, virtual_state
 from kosmos.tokenizer import Tokenizer
@@ -472,6 +472,5 @@ def build_loader(
     world_size: int = 1,
 ) -> StepLoader:
     """The loader of one rank. Checks corpora and step layout (ConfigError); starts no worker yet."""
-    cfg.check_paths("data")
-    indexes = {corpus.name: read_index(corpus.path, read_options(cfg)) for corpus in cfg.corpora}
+    indexes = cfg.check_paths("data")  # each index read once: a second read could meet another version
     return StepLoader(cfg, indexes, tokenizer, image_size, num_image_tokens, rank, world_size)
