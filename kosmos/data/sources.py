@@ -572,8 +572,8 @@ class ShardCache:
         for location in list(self.entries):
             if self.on_disk() + need <= self.options.cache_bytes:
                 break
-            entry = self.entries[location]
-            if location != keep and entry.readers == 0 and entry.future.done():
+            entry = self.entries.get(location)  # (a file closed by the collector may have run this)
+            if entry is not None and location != keep and entry.readers == 0 and entry.future.done():
                 del self.entries[location]
                 with contextlib.suppress(OSError):
                     os.remove(entry.dest)
