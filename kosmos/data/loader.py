@@ -27,10 +27,9 @@ import sys
 import tempfile
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kosmos.config import ConfigError
@@ -42,7 +41,15 @@ from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
 from kosmos.data.shards import CorpusIndex
 from kosmos.data.skips import Counts
-from kosmos.data.stream import CorpusStream, LazyCache, SampleRef, ShardOpener, stream_block, virtual_state
+from kosmos.data.stream import (
+    CorpusStream,
+    LazyCache,
+    ReadContext,
+    SampleRef,
+    ShardOpener,
+    stream_block,
+    virtual_state,
+)
 from kosmos.tokenizer import Tokenizer
 
 STATE_VERSION = 2
@@ -65,23 +72,8 @@ def corpus_reader(
     (sources, cache, decoding, skip counting): for a look at a corpus outside training, or its
     held-out samples (`holdout`)."""
     cache = LazyCache(None, read_options(cfg))
-    stream = CorpusStream(
-        corpus,
-        index,
-        tokenizer,
-        image_transform(image_size),
-        image_size,
-        num_image_tokens,
-        cfg.seq_len,
-        cfg.seed,
-        streams=range(1),
-        num_streams=1,
-        spans=cfg.shuffle_spans,
-        window=cfg.shuffle_window,
-        opener=ShardOpener(index, cache),
-        max_skip_fraction=cfg.max_skip_fraction,
-        holdout=holdout,
-    )
+    context = ReadContext(cfg, tokenizer, image_transform(image_size), image_size, num_image_tokens)
+    stream = CorpusStream(context, corpus, index, range(1), 1, ShardOpener(index, cache), holdout)
     try:
         yield stream
     finally:
@@ -94,41 +86,31 @@ class StepBuilder:
 
     def __init__(
         self,
-        cfg: DataConfig,
+        context: ReadContext,
         indexes: dict[str, CorpusIndex],
         rows: dict[str, int],
-        tokenizer: Tokenizer,
-        transform: Callable[[Image.Image], torch.Tensor],
-        image_size: int,
-        num_image_tokens: int,
         physical: int,
         num_physical: int,
         num_virtual: int,
         cache_root: str | None,
     ):
+        cfg = context.cfg
         self.cfg = cfg
         self.rows = rows
-        self.image_size = image_size
+        self.image_size = context.image_size
         self.cache = LazyCache(cache_root, read_options(cfg))
         holdout = Holdout(cfg.validation.holdout, validation=False) if cfg.validation.holdout else None
+        streams = stream_block(physical, num_physical, num_virtual)
         self.packers = {
             corpus.name: RowPacker(
                 CorpusStream(
+                    context,
                     corpus,
                     indexes[corpus.name],
-                    tokenizer,
-                    transform,
-                    image_size,
-                    num_image_tokens,
-                    cfg.seq_len,
-                    cfg.seed,
-                    streams=stream_block(physical, num_physical, num_virtual),
-                    num_streams=num_virtual,
-                    spans=cfg.shuffle_spans,
-                    window=cfg.shuffle_window,
-                    opener=ShardOpener(indexes[corpus.name], self.cache),
-                    max_skip_fraction=cfg.max_skip_fraction,
-                    holdout=holdout,
+                    streams,
+                    num_virtual,
+                    ShardOpener(indexes[corpus.name], self.cache),
+                    holdout,
                 ),
                 cfg.seq_len,
                 splittable=corpus.kind in SPLITTABLE_KINDS,
@@ -179,13 +161,9 @@ class _Steps(IterableDataset):
         step = self.first_step + (info.id if info is not None else 0)
         worker = step % loader.num_workers
         builder = StepBuilder(
-            loader.cfg,
+            loader.context,
             loader.indexes,
             loader.rows_per_step,
-            loader.tokenizer,
-            loader.transform,
-            loader.image_size,
-            loader.num_image_tokens,
             physical=loader.rank * loader.num_workers + worker,
             num_physical=loader.world_size * loader.num_workers,
             num_virtual=loader.virtual_streams,
@@ -250,11 +228,9 @@ class StepLoader:
     ):
         self.cfg = cfg
         self.indexes = indexes
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        # Built here so that loader workers inherit it (and open_clip) instead of importing again.
-        self.transform = image_transform(image_size)
-        self.num_image_tokens = num_image_tokens
+        # The transform is built here so that loader workers inherit it (and open_clip) instead of
+        # importing again.
+        self.context = ReadContext(cfg, tokenizer, image_transform(image_size), image_size, num_image_tokens)
         self.rank = rank
         self.world_size = world_size
         self.num_workers = max(1, cfg.num_workers)
@@ -416,7 +392,7 @@ class StepLoader:
             raise ConfigError("data: the loader states of the ranks disagree on step or virtual streams")
         check_streams(virtual, self.world_size, self.num_workers)
         self.rows_per_step = rows_per_step(
-            self.cfg, self.indexes, self.world_size, self.num_image_tokens, virtual
+            self.cfg, self.indexes, self.world_size, self.context.num_image_tokens, virtual
         )
         self.virtual_streams = virtual
         mine = [s for s in states if {k: s[k] for k in self._layout()} == self._layout()]

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from kosmos.data import sources
-from kosmos.data.config import CorpusConfig
+from kosmos.data.config import CorpusConfig, DataConfig
 from kosmos.data.decode import DECODERS, SPLITTABLE_KINDS, Document
 from kosmos.data.holdout import Holdout
 from kosmos.data.shards import CorpusIndex, RawSample, ShardDamaged, read_samples
@@ -443,39 +443,44 @@ def virtual_state() -> dict:
     return {"epoch": 0, "position": 0, "offset": 0, "tried": 0, "skipped": {}, "dropped_images": {}}
 
 
+@dataclass(frozen=True)
+class ReadContext:
+    """What every part of one loader reads with: the data config, the tokenizer, the image
+    preprocessing and the model's image layout."""
+
+    cfg: DataConfig
+    tokenizer: Tokenizer
+    transform: Callable[[Image.Image], torch.Tensor]
+    image_size: int
+    num_image_tokens: int
+
+
 class CorpusStream:
     """A physical stream of a corpus: serves virtual streams `streams` (of `num_streams`) one usable
     document from each in turn, decoded, preprocessed and tokenized."""
 
     def __init__(
         self,
+        context: ReadContext,
         corpus: CorpusConfig,
         index: CorpusIndex,
-        tokenizer: Tokenizer,
-        transform: Callable[[Image.Image], torch.Tensor],
-        image_size: int,
-        num_image_tokens: int,
-        seq_len: int,
-        seed: int,
         streams: range,
         num_streams: int,
-        spans: int,
-        window: int,
         opener: ShardOpener,
-        max_skip_fraction: float,
         holdout: Holdout | None = None,
     ):
+        cfg = context.cfg
+        self.context = context
         self.corpus = corpus
         self.holdout = holdout
         self.index = index
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self.no_images = torch.empty(0, 3, image_size, image_size)
-        self.num_image_tokens = num_image_tokens
-        self.seq_len = seq_len
-        self.max_skip_fraction = max_skip_fraction
+        self.no_images = torch.empty(0, 3, context.image_size, context.image_size)
+        self.max_skip_fraction = cfg.max_skip_fraction
         self.virtual = [
-            VirtualStream(corpus.name, index, seed, v, num_streams, spans, window, opener) for v in streams
+            VirtualStream(
+                corpus.name, index, cfg.seed, v, num_streams, cfg.shuffle_spans, cfg.shuffle_window, opener
+            )
+            for v in streams
         ]
         self.turn = 0
         # Skipped samples since the last `take_skips()`, for tracing them back.
@@ -565,8 +570,11 @@ class CorpusStream:
     def _encode(
         self, ref: SampleRef, stream: int, position: int, raw: RawSample | SkipSample
     ) -> EncodedDocument:
-        document, encoded = usable_document(raw, self.corpus, self.tokenizer, self.num_image_tokens, self.seq_len)
-        images = [self.transform(p) for p in document.parts if isinstance(p, Image.Image)]
+        context = self.context
+        document, encoded = usable_document(
+            raw, self.corpus, context.tokenizer, context.num_image_tokens, context.cfg.seq_len
+        )
+        images = [context.transform(p) for p in document.parts if isinstance(p, Image.Image)]
         ids = torch.tensor(encoded.ids, dtype=torch.long)
         return EncodedDocument(
             ref=ref,
@@ -576,7 +584,7 @@ class CorpusStream:
             image_mask=torch.tensor(encoded.image_mask, dtype=torch.bool),
             labels=torch.tensor(encoded.labels(), dtype=torch.long),
             images=torch.stack(images) if images else self.no_images,
-            image_starts=(ids == self.tokenizer.boi_id).nonzero().flatten().tolist(),
+            image_starts=(ids == context.tokenizer.boi_id).nonzero().flatten().tolist(),
             dropped_images=document.dropped_images,
         )
 
