@@ -243,6 +243,15 @@ def rows_per_step(
     return rows
 
 
+def stream_layout(cfg: DataConfig, world_size: int) -> tuple[int, int]:
+    """Loader workers per rank and virtual streams of a run on `world_size` ranks: `data.virtual_streams`,
+    or one per physical stream (ranks x workers); checked as `check_streams` checks them."""
+    workers = max(1, cfg.num_workers)
+    virtual = cfg.virtual_streams or world_size * workers
+    check_streams(virtual, world_size, workers)
+    return workers, virtual
+
+
 def check_streams(virtual: int, world_size: int, num_workers: int) -> None:
     """A physical stream (one rank's loader worker) serves one or more virtual streams, never part of one."""
     if world_size * num_workers > virtual:

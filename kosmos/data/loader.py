@@ -35,7 +35,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kosmos.config import ConfigError
 from kosmos.data import sources
 from kosmos.data.batch import Batch
-from kosmos.data.config import CorpusConfig, DataConfig, check_streams, read_options, rows_per_step
+from kosmos.data.config import (
+    CorpusConfig,
+    DataConfig,
+    check_streams,
+    read_options,
+    rows_per_step,
+    stream_layout,
+)
 from kosmos.data.decode import SPLITTABLE_KINDS, image_transform
 from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
@@ -233,9 +240,7 @@ class StepLoader:
         self.context = ReadContext(cfg, tokenizer, image_transform(image_size), image_size, num_image_tokens)
         self.rank = rank
         self.world_size = world_size
-        self.num_workers = max(1, cfg.num_workers)
-        self.virtual_streams = cfg.virtual_streams or self.physical_streams
-        check_streams(self.virtual_streams, self.world_size, self.num_workers)
+        self.num_workers, self.virtual_streams = stream_layout(cfg, world_size)
         self.rows_per_step = rows_per_step(cfg, indexes, world_size, num_image_tokens, self.virtual_streams)
         self.micro_batches_per_step = sum(self.rows_per_step.values()) // cfg.micro_batch_size
         self.step = 0

@@ -199,7 +199,7 @@ def input_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]
     corpora exist and hold what they should, `train.init_from` exists, the packages the logging needs
     are installed; with `world_size`, the step layout on that many ranks too. Needs no torch."""
     from kosmos.data import sources
-    from kosmos.data.config import check_streams, rows_per_step
+    from kosmos.data.config import rows_per_step, stream_layout
     from kosmos.tokenizer import Tokenizer, TokenizerError
 
     problems = []
@@ -229,16 +229,9 @@ def input_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]
         if corpus in cfg.data.corpora:
             indexes[corpus.name] = index
     if world_size is not None:
-        workers = max(1, cfg.data.num_workers)
         try:
-            check_streams(cfg.data.virtual_streams or world_size * workers, world_size, workers)
-            rows_per_step(
-                cfg.data,
-                indexes,
-                world_size,
-                cfg.model.connector.num_queries,
-                cfg.data.virtual_streams or world_size * workers,
-            )
+            _, virtual = stream_layout(cfg.data, world_size)
+            rows_per_step(cfg.data, indexes, world_size, cfg.model.connector.num_queries, virtual)
         except ConfigError as error:
             problems += config_io.problems_of(error)
     if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():

@@ -98,7 +98,7 @@ def validate(cfg: TrainConfig, world_size: int, documents: int) -> dict:
     """Every check a launch on `world_size` ranks would make before training; ConfigError if not,
     naming every problem found."""
     from kosmos import config as config_io
-    from kosmos.data.config import rows_per_step
+    from kosmos.data.config import rows_per_step, stream_layout
     from kosmos.data.shards import read_index
     from kosmos.model import VisionWeightsError, check_vision_weights
     from kosmos.tokenizer import Tokenizer
@@ -114,7 +114,7 @@ def validate(cfg: TrainConfig, world_size: int, documents: int) -> dict:
     config_io.raise_problems(problems)
     tokenizer = Tokenizer(cfg.tokenizer)
     indexes = {corpus.name: read_index(corpus.path) for corpus in cfg.data.corpora}
-    virtual = cfg.data.virtual_streams or world_size * max(1, cfg.data.num_workers)
+    _, virtual = stream_layout(cfg.data, world_size)
     rows = rows_per_step(cfg.data, indexes, world_size, cfg.model.connector.num_queries, virtual)
     return {
         "tokenizer": {"path": cfg.tokenizer, "pieces": tokenizer.num_pieces, "vocab_size": tokenizer.vocab_size},
