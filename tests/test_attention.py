@@ -320,7 +320,7 @@ def test_gpu_benchmark_runs_its_parts_as_bench_commands():
     from kosmos.bench.gpu import _subcommand
 
     small = ["model.text.layers=1", "model.vision.layers=1", "model.vision.trainable_blocks=1"]
-    args = argparse.Namespace(config="configs/model/tiny.yaml", overrides=small)
+    args = argparse.Namespace(config="configs/model/tiny.yaml", overrides=small, device="cpu")
     command = ["generate", "--steps", "1", "--warmup", "1", "--new-tokens", "4"]
     report = _subcommand(args, command, time.monotonic() + 300, "model.text.heads=2")
     assert report["benchmark"] == "generate" and report["ours"]["tokens_per_s"] > 0
