@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kosmos.config import ConfigError
 from kosmos.eval.backend import ModelBackend
+from kosmos.eval.datasets import Sample
+from kosmos.eval.demos import ClipEmbedder, RandomDemos
 from kosmos.eval.harness import EvalOptions, evaluate
 from kosmos.eval.prompts import DEMO_END
 from kosmos.model import KosmosModel
@@ -30,11 +33,33 @@ def lmms_model():
     return lmms_model
 
 
+@pytest.fixture(scope="module")
+def retrieval_clip(tmp_path_factory):
+    """A tiny random open_clip model registered under a name of its own, and its weights file."""
+    open_clip = pytest.importorskip("open_clip")
+    import torch
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (folder / "TinyRetrievalCLIP.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "TinyRetrievalCLIP.json")
+    torch.manual_seed(1)
+    torch.save(open_clip.create_model("TinyRetrievalCLIP").state_dict(), folder / "clip.pt")
+    return "TinyRetrievalCLIP", folder / "clip.pt"
+
+
 def write_data(folder):
+    """3 evaluation rows and a pool of 5 demonstrations, as captioning.jsonl and vqa.jsonl."""
     (folder / "images").mkdir()
     captions, questions = [], []
-    for n in range(5):
-        Image.new("RGB", (24, 24), (60 * n, 200 - 40 * n, 90)).save(folder / "images" / f"{n}.png")
+    for n in range(8):
+        Image.new("RGB", (24, 24), (30 * n, 200 - 25 * n, 90 + 20 * (n % 3))).save(
+            folder / "images" / f"{n}.png"
+        )
         split = "demo" if n >= 3 else "test"
         captions.append(
             {"id": f"c{n}", "image": f"images/{n}.png", "split": split, "captions": [f"a digit {n}"] * 3}
@@ -68,26 +93,36 @@ def kosmos_task(folder, name, annotations, query, decoding, metrics):
     (folder / "tasks" / f"{name}.yaml").write_text(json.dumps(task))
 
 
-@pytest.mark.parametrize("shots", [0, 2])
-def test_lmms_eval_reproduces_kosmos_eval(lmms_model, shots, tmp_path, monkeypatch, tokenizer, tiny_config):
+@pytest.mark.parametrize(("shots", "demos"), [(0, "random"), (2, "random"), (2, "rices"), (2, "stratified")])
+def test_lmms_eval_reproduces_kosmos_eval(
+    lmms_model, retrieval_clip, shots, demos, tmp_path, monkeypatch, tokenizer, tiny_config
+):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     write_data(tmp_path)
     backend = ModelBackend(KosmosModel(tiny_config).eval(), tokenizer, batch_size=3)
+    clip, weights = retrieval_clip
     # A few-shot variant of a repository task file, as a user writes one.
     (tmp_path / "lmms_tasks").mkdir()
+    options = {
+        "shots": shots,
+        "seed": 0,
+        "demos": demos,
+        "retrieval_clip": clip,
+        "retrieval_weights": str(weights),
+    }
     for name in ("kosmos_caption", "kosmos_vqa"):
         variant = {
             "include": str(lmms_model.TASK_DIR / f"{name}.yaml"),
-            "task": f"{name}_{shots}shot",
-            "lmms_eval_specific_kwargs": {"default": {"shots": shots, "seed": 0}},
+            "task": f"{name}_{shots}shot_{demos}",
+            "lmms_eval_specific_kwargs": {"default": options},
         }
-        (tmp_path / "lmms_tasks" / f"{name}_{shots}shot.yaml").write_text(json.dumps(variant))
+        (tmp_path / "lmms_tasks" / f"{name}_{shots}shot_{demos}.yaml").write_text(json.dumps(variant))
     monkeypatch.chdir(tmp_path)  # the task files read their data from where lmms-eval runs
     out = simple_evaluate(
         model=lmms_model.KosmosLMMS(backend=backend),
-        tasks=[f"kosmos_caption_{shots}shot", f"kosmos_vqa_{shots}shot"],
+        tasks=[f"kosmos_caption_{shots}shot_{demos}", f"kosmos_vqa_{shots}shot_{demos}"],
         task_manager=TaskManager(
             include_path=[str(lmms_model.TASK_DIR), str(tmp_path / "lmms_tasks")], include_defaults=False
         ),
@@ -105,28 +140,57 @@ def test_lmms_eval_reproduces_kosmos_eval(lmms_model, shots, tmp_path, monkeypat
         out=tmp_path / "out",
         task_dir=tmp_path / "tasks",
         shots=[shots],
-        demos="random",
+        demos=demos,
         bootstrap_resamples=10,
     )
-    ours = evaluate(backend, options)
+    embedder = ClipEmbedder(clip, weights) if demos != "random" else None
+    ours = evaluate(backend, options, embedder=embedder)
     values = {(e["task"], e["metric"]): e["value"] for e in ours["summary"]}
     results = out["results"]
-    caption, vqa = results[f"kosmos_caption_{shots}shot"], results[f"kosmos_vqa_{shots}shot"]
+    caption, vqa = results[f"kosmos_caption_{shots}shot_{demos}"], results[f"kosmos_vqa_{shots}shot_{demos}"]
     assert caption["cider,none"] == pytest.approx(values[("cap", "cider")])
     assert caption["rouge_l,none"] == pytest.approx(values[("cap", "rouge_l")])
     assert vqa["vqa_accuracy,none"] == pytest.approx(values[("vqa", "vqa_accuracy")])
-    run = "0shot" if shots == 0 else f"random/{shots}shot_trial0"
-    for task, name in ((f"kosmos_caption_{shots}shot", "cap"), (f"kosmos_vqa_{shots}shot", "vqa")):
-        predictions = {s["doc"]["id"]: s["resps"][0][0] for s in out["samples"][task]}
+    run = "0shot" if shots == 0 else f"{demos}/{shots}shot_trial0"
+    queries = {"cap": "<image>An image of", "vqa": "<image>Question: What digit is this? Answer:"}
+    for task, name in (
+        (f"kosmos_caption_{shots}shot_{demos}", "cap"),
+        (f"kosmos_vqa_{shots}shot_{demos}", "vqa"),
+    ):
+        samples = {s["doc"]["id"]: s for s in out["samples"][task]}
         path = tmp_path / f"out/predictions/{name}/{run}/predictions.jsonl"
         records = [json.loads(line) for line in path.open()]
-        assert predictions == {r["id"]: r["prediction"] for r in records} and len(records) == 3
+        assert {i: s["resps"][0][0] for i, s in samples.items()} == {
+            r["id"]: r["prediction"] for r in records
+        }
+        assert len(records) == 3
         if shots:
-            prompt = next(s for s in out["samples"][task] if s["doc"]["id"] == records[0]["id"])["arguments"]
-            assert str(prompt).count("</s>") == shots
-            # The demonstrations kosmos eval chose, with their answers.
-            shown = {"cap": "An image of a digit {}</s>", "vqa": "Answer: {}</s>"}[name]
-            assert all(shown.format(d[1:]) in str(prompt) for d in records[0]["demos"])
+            # The demonstrations kosmos eval chose, in its order, with their answers.
+            shown = {"cap": "a digit {}", "vqa": "{}"}[name]
+            for record in records:
+                context = samples[record["id"]]["arguments"][0]
+                demonstrations = [f"{queries[name]} {shown.format(d[1:])}</s>" for d in record["demos"]]
+                assert context == "".join(demonstrations) + queries[name]
+            if demos != "random":  # retrieval, not the random draw
+                pool = RandomDemos([Sample(f"{name[0]}{n}") for n in range(3, 8)])
+                drawn = [[f"{name[0]}{n + 3}" for n in pool.select(Sample(r["id"]), shots)] for r in records]
+                assert drawn != [r["demos"] for r in records]
+
+
+def test_retrieval_without_weights_stops_naming_the_file_and_option(lmms_model, tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kosmos_lmms_utils", lmms_model.TASK_DIR / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    write_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"vqa.jsonl \(lmms_eval_specific_kwargs demos: rices.*needs retrieval_weights"
+    ):
+        utils.vqa_text({"id": "q0", "question": "What digit is this?"}, {"shots": 2, "demos": "rices"})
+    with pytest.raises(ConfigError, match="6 demonstrations asked for but the demo pool has 5"):
+        utils.vqa_text({"id": "q0", "question": "What digit is this?"}, {"shots": 6})
 
 
 def test_log_likelihood_with_images_equals_the_backends(lmms_model, tokenizer, tiny_config):

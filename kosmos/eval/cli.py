@@ -11,6 +11,10 @@ from kosmos.cli import FP32_HELP, positive_int
 from kosmos.config import ConfigError
 from kosmos.threads import configure_threads
 
+# The default retrieval CLIP of --demos rices/stratified (and of the lmms-eval task files): the CLIP
+# KOSMOS-1's vision tower starts from.
+RETRIEVAL_CLIP = "ViT-L-14-quickgelu"
+
 COMPILE_HELP = (
     "decode with torch.compile'd steps: the same text, faster over many prompts after a one-time "
     "compilation (tens of seconds; needs a C++ compiler on CPU)"
@@ -91,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument(
         "--retrieval-clip",
-        default="ViT-L-14-quickgelu",
+        default=RETRIEVAL_CLIP,
         help="open_clip model name for --demos rices/stratified",
     )
     parser.add_argument(

@@ -3,9 +3,12 @@ kosmos_vqa): the data is in the `jsonl` layout of `kosmos eval` (docs/eval.md), 
 folder lmms-eval runs in, and the scores are those `kosmos eval` computes, by the same code.
 
 Few-shot: `lmms_eval_specific_kwargs` `shots` (and `seed`) put that many demonstrations before each
-query, drawn from the file's rows with `split` "demo" by the random scheme of `kosmos eval --demos
-random` (the same draw for the same seed), each laid out as the query with its answer and ended by
-`</s>`; their images come first in `doc_to_visual`, in the same order."""
+query, chosen from the file's rows with `split` "demo" by the scheme `demos` names (`random`, `rices`
+or `stratified`) with the selection code of `kosmos eval --demos` (the same demonstrations for the
+same data and options), each laid out as the query with its answer and ended by `</s>`; their images
+come first in `doc_to_visual`, in the same order. The retrieval schemes embed the pool and the
+evaluation rows with the open_clip model `retrieval_clip` from the local weights file
+`retrieval_weights`, as `kosmos eval --retrieval-clip/--retrieval-weights` does."""
 
 import functools
 import json
@@ -14,26 +17,58 @@ from pathlib import Path
 
 from PIL import Image
 
-from kosmos.eval.datasets import Sample
-from kosmos.eval.demos import RandomDemos
+from kosmos.config import ConfigError
+from kosmos.distributed import local_device
+from kosmos.eval.cli import RETRIEVAL_CLIP
+from kosmos.eval.datasets import LOADERS, Sample
+from kosmos.eval.demos import ClipEmbedder, build_selector, check_demos
 from kosmos.eval.metrics import compute_metrics
+from kosmos.eval.tasks import SplitConfig
 
 CAPTIONS, QUESTIONS = "captioning.jsonl", "vqa.jsonl"
 
 
 @functools.cache
-def _pool(annotations: str) -> list[dict]:
-    rows = [json.loads(line) for line in Path(annotations).read_text().splitlines() if line.strip()]
-    return [row for row in rows if row.get("split") == "demo"]
+def _embedder(model_name: str, weights: str) -> ClipEmbedder:
+    return ClipEmbedder(model_name, weights, local_device())  # the device `kosmos eval` picks
+
+
+@functools.cache
+def _selection(annotations: str, shots: int, scheme: str, seed: int, clip: str, weights: str | None):
+    """The demo rows and the selector `kosmos eval` builds for this file: its pool is the rows with
+    `split` "demo", its queries the evaluation rows (as `evaluation_docs` keeps them), in file order."""
+    path = Path(annotations)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    every_row = LOADERS["jsonl"](SplitConfig(annotations=path.name), path.parent, str(path))
+    samples = {s.id: s for s in every_row}
+    pool_rows = [row for row in rows if row.get("split") == "demo"]
+    pool = [samples[str(row["id"])] for row in pool_rows]
+    queries = [samples[str(row["id"])] for row in rows if row.get("split") in (None, "test")]
+    where = f"{annotations} (lmms_eval_specific_kwargs demos: {scheme}, shots: {shots})"
+    check_demos(scheme, pool, queries, shots, where)
+    if scheme != "random" and weights is None:
+        raise ConfigError(f"{where}: needs retrieval_weights, a local open_clip checkpoint file")
+    try:
+        embedder = _embedder(clip, weights) if scheme != "random" else None
+        return pool_rows, build_selector(scheme, pool, queries, embedder, seed=seed)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _demonstrations(doc, annotations: str, options) -> list[dict]:
-    shots = int((options or {}).get("shots", 0))
+    options = options or {}
+    shots = int(options.get("shots", 0))
     if not shots:
         return []
-    pool = _pool(str(Path(annotations).resolve()))  # read from where lmms-eval runs
-    selector = RandomDemos([Sample(str(row["id"])) for row in pool], int(options.get("seed", 0)))
-    return [pool[i] for i in selector.select(Sample(str(doc["id"])), shots)]
+    pool_rows, selector = _selection(
+        str(Path(annotations).resolve()),  # read from where lmms-eval runs
+        shots,
+        str(options.get("demos", "random")),
+        int(options.get("seed", 0)),
+        str(options.get("retrieval_clip", RETRIEVAL_CLIP)),
+        options.get("retrieval_weights"),
+    )
+    return [pool_rows[i] for i in selector.select(Sample(str(doc["id"])), shots)]
 
 
 def _answer(row) -> str:
