@@ -22,6 +22,7 @@ from kosmos.data.batch import Batch
 from kosmos.data.decode import DECODERS, Document
 from kosmos.data.inspection import inspect
 from kosmos.data.shards import CorpusIndex, ShardInfo, read_samples, write_index
+from kosmos.data.state import LoaderState
 from kosmos.tokenizer import IGNORE_INDEX, PAD
 
 IMAGE_SIZE = 16
@@ -183,6 +184,72 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(corpora, tokenizer):
                 assert torch.equal(tensor, getattr(b, key)), key
     assert resumed.step == 20
     assert resumed.skipped == straight.skipped == {}
+
+
+def test_a_saved_state_keeps_its_layout_through_the_typed_state(corpora, tokenizer):
+    root, _ = corpora
+    cfg = data_config(
+        [corpus(root, "text", 128), corpus(root, "interleaved", 128)],
+        virtual_streams=3,
+        validation={"holdout": 0.2},
+    )
+    loader = loader_for(cfg, tokenizer)
+    for _ in itertools.islice(loader, 3):
+        pass
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert json.dumps(LoaderState.from_saved(state).saved()) == json.dumps(state)  # key order too
+    assert list(state) == [
+        "shuffle_spans", "shuffle_window", "version", "rank", "world_size", "num_workers",
+        "virtual_streams", "seed", "corpora", "holdout", "step", "workers",
+    ]  # fmt: skip
+    (worker,) = state["workers"]
+    assert list(worker) == ["text", "interleaved"]
+    assert list(worker["text"]) == ["turn", "streams"] and list(worker["text"]["streams"]) == ["0", "1", "2"]
+    streams = [s for c in worker.values() for s in c["streams"].values()]
+    assert all(
+        list(s) == ["epoch", "position", "offset", "tried", "skipped", "dropped_images"] for s in streams
+    )
+    assert sum(s["skipped"].get("held_out", 0) for s in streams) == loader.skipped["held_out"] > 0
+
+
+def test_a_state_saved_before_the_epoch_order_settings_were_recorded_resumes(corpora, tokenizer):
+    root, _ = corpora
+    old = {
+        "version": 2,
+        "rank": 0,
+        "world_size": 1,
+        "num_workers": 1,
+        "virtual_streams": 1,
+        "seed": 0,
+        "corpora": {"text": {"shards": 5, "samples": 40}},
+        "step": 3,
+        "workers": [
+            {
+                "text": {
+                    "turn": 0,
+                    "streams": {
+                        "0": {
+                            "epoch": 0,
+                            "position": 5,
+                            "offset": 4,
+                            "tried": 5,
+                            "skipped": {"empty_text": 1},
+                            "dropped_images": {},
+                        }
+                    },
+                }
+            }
+        ],
+    }
+    assert LoaderState.from_saved(old).saved() == old
+    cfg = data_config([corpus(root, "text", 128)])
+    loader = loader_for(cfg, tokenizer)
+    loader.load_state_dict(old)
+    assert loader.state_dict() == {"shuffle_spans": cfg.shuffle_spans, "shuffle_window": cfg.shuffle_window, **old}
+    assert loader.skipped == {"empty_text": 1}
+    next(iter(loader))
+    assert loader.step == 4
+    assert loader.state_dict()["workers"][0]["text"]["streams"]["0"]["position"] > 5
 
 
 @pytest.fixture(scope="module")

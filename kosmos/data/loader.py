@@ -48,6 +48,7 @@ from kosmos.data.holdout import Holdout
 from kosmos.data.packing import RowPacker, collate
 from kosmos.data.shards import CorpusIndex
 from kosmos.data.skips import Counts
+from kosmos.data.state import CorpusState, LoaderState, VirtualState, WorkerState
 from kosmos.data.stream import (
     CorpusStream,
     LazyCache,
@@ -55,11 +56,9 @@ from kosmos.data.stream import (
     SampleRef,
     ShardOpener,
     stream_block,
-    virtual_state,
 )
 from kosmos.tokenizer import Tokenizer
 
-STATE_VERSION = 2
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent ends
 
 
@@ -141,12 +140,12 @@ class StepBuilder:
         ]
         return batches, started, skipped
 
-    def state_dict(self) -> dict:
-        return {name: packer.state_dict() for name, packer in self.packers.items()}
+    def state(self) -> WorkerState:
+        return WorkerState({name: packer.state() for name, packer in self.packers.items()})
 
-    def load_state_dict(self, state: dict) -> None:
+    def restore(self, state: WorkerState) -> None:
         for name, packer in self.packers.items():
-            packer.load_state_dict(state[name])
+            packer.restore(state.corpora[name])
 
     def close(self) -> None:
         for packer in self.packers.values():
@@ -177,10 +176,10 @@ class _Steps(IterableDataset):
             cache_root=loader.cache_root(),
         )
         if self.states[worker] is not None:
-            builder.load_state_dict(self.states[worker])
+            builder.restore(self.states[worker])
         try:
             while True:
-                yield step, worker, *builder.next_step(), builder.state_dict()
+                yield step, worker, *builder.next_step(), builder.state()
                 step += loader.num_workers
         finally:
             builder.close()
@@ -244,7 +243,7 @@ class StepLoader:
         self.rows_per_step = rows_per_step(cfg, indexes, world_size, num_image_tokens, self.virtual_streams)
         self.micro_batches_per_step = sum(self.rows_per_step.values()) // cfg.micro_batch_size
         self.step = 0
-        self.worker_states: list[dict | None] = [None] * self.num_workers
+        self.worker_states: list[WorkerState | None] = [None] * self.num_workers
         # The last step received: the documents that began in it, and the samples skipped while
         # building it with their reasons (to trace a batch, or a bad sample, back to its shard).
         self.last_step_samples: list[SampleRef] = []
@@ -300,18 +299,19 @@ class StepLoader:
 
     # -- counters -------------------------------------------------------------------------------
 
-    def _virtual_states(self, corpus: str) -> list[dict]:
+    def _virtual_states(self, corpus: str) -> list[VirtualState]:
         return [
             stream
-            for state in filter(None, self.worker_states)
-            for stream in state[corpus]["streams"].values()
+            for state in self.worker_states
+            if state is not None
+            for stream in state.corpora[corpus].streams.values()
         ]
 
     def _counters(self, field: str) -> dict[str, int]:
         total: Counts = Counter()
         for corpus in self.cfg.corpora:
             for stream in self._virtual_states(corpus.name):
-                total.update(stream[field])
+                total.update(getattr(stream, field))
         return dict(total)
 
     @property
@@ -329,14 +329,11 @@ class StepLoader:
         """Per corpus, the epochs every virtual stream of this rank has finished."""
         started = all(state is not None for state in self.worker_states)
         return {
-            corpus.name: min(s["epoch"] for s in self._virtual_states(corpus.name)) if started else 0
+            corpus.name: min(s.epoch for s in self._virtual_states(corpus.name)) if started else 0
             for corpus in self.cfg.corpora
         }
 
     # -- state ----------------------------------------------------------------------------------
-
-    def _layout(self) -> dict:
-        return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers}
 
     def _content(self) -> dict:
         """What a state must share with this loader to be resumed at all."""
@@ -355,91 +352,95 @@ class StepLoader:
         """The settings the epoch order depends on besides the seed: a resume must keep them."""
         return {"shuffle_spans": self.cfg.shuffle_spans, "shuffle_window": self.cfg.shuffle_window}
 
-    def state_dict(self) -> dict:
-        return {
-            **self._order(),
-            "version": STATE_VERSION,
-            **self._layout(),
-            "virtual_streams": self.virtual_streams,
+    def state(self) -> LoaderState:
+        return LoaderState(
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            virtual_streams=self.virtual_streams,
+            step=self.step,
+            workers=tuple(self.worker_states),
             **self._content(),
-            "step": self.step,
-            "workers": self.worker_states,
-        }
+            **self._order(),
+        )
+
+    def state_dict(self) -> dict:
+        return self.state().saved()
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Resume from this rank's saved state, or from every rank's (a list, in rank order): on the same
         layout exactly where this rank stopped; on another one (ranks x workers), by regrouping the
         saved virtual streams over this layout."""
-        states = state if isinstance(state, list) else [state]
+        states = [LoaderState.from_saved(saved) for saved in (state if isinstance(state, list) else [state])]
         for saved in states:
-            if saved.get("version") != STATE_VERSION:
-                raise ConfigError(f"data: loader state version {saved.get('version')} is not {STATE_VERSION}")
-            content = {key: saved.get(key) for key in self._content()}
+            content = {key: getattr(saved, key) for key in self._content()}
             if content != self._content():
                 raise ConfigError(
                     f"data: the loader state does not fit this run (saved {content}, now {self._content()}); "
                     "resuming needs the same corpora and seed"
                 )
-            for key, now in self._order().items():  # (states saved before they were recorded lack them)
-                if saved.get(key, now) != now:
+            for key, now in self._order().items():  # (None in states saved before they were recorded)
+                if getattr(saved, key) not in (None, now):
                     raise ConfigError(
-                        f"data.{key}: the loader state was saved with {saved[key]}, not {now}; the epoch "
-                        "order depends on it, so a resume with another value would read some samples twice "
-                        "and others never (resume with the saved value)"
+                        f"data.{key}: the loader state was saved with {getattr(saved, key)}, not {now}; the "
+                        "epoch order depends on it, so a resume with another value would read some samples "
+                        "twice and others never (resume with the saved value)"
                     )
-        virtual = states[0]["virtual_streams"]
+        virtual = states[0].virtual_streams
         if self.cfg.virtual_streams not in (0, virtual):
             raise ConfigError(
                 f"data.virtual_streams: the loader state has {virtual} virtual streams, not "
                 f"{self.cfg.virtual_streams} (they are fixed for a run; leave it 0 to follow the state)"
             )
-        if len({s["step"] for s in states}) > 1 or len({s["virtual_streams"] for s in states}) > 1:
+        if len({s.step for s in states}) > 1 or len({s.virtual_streams for s in states}) > 1:
             raise ConfigError("data: the loader states of the ranks disagree on step or virtual streams")
         check_streams(virtual, self.world_size, self.num_workers)
         self.rows_per_step = rows_per_step(
             self.cfg, self.indexes, self.world_size, self.context.num_image_tokens, virtual
         )
         self.virtual_streams = virtual
-        mine = [s for s in states if {k: s[k] for k in self._layout()} == self._layout()]
+        layout = (self.rank, self.world_size, self.num_workers)
+        mine = [s for s in states if (s.rank, s.world_size, s.num_workers) == layout]
         if mine:
-            self.worker_states = list(mine[0]["workers"])
+            self.worker_states = list(mine[0].workers)
         else:
             self.worker_states = self._regrouped(states)
-        self.step = int(states[0]["step"])
+        self.step = states[0].step
         self.last_step_samples, self.last_step_skipped = [], []
 
-    def _regrouped(self, states: list[dict]) -> list[dict]:
+    def _regrouped(self, states: list[LoaderState]) -> list[WorkerState | None]:
         """This rank's worker states from every saved rank's, the virtual streams regrouped."""
-        saved_world = states[0]["world_size"]
-        if sorted(s["rank"] for s in states) != list(range(saved_world)):
+        saved_world = states[0].world_size
+        if sorted(s.rank for s in states) != list(range(saved_world)):
             raise ConfigError(
-                f"data: the loader state was saved by {saved_world} ranks x {states[0]['num_workers']} "
+                f"data: the loader state was saved by {saved_world} ranks x {states[0].num_workers} "
                 f"workers; resuming as {self.world_size} x {self.num_workers} needs the states of all "
                 f"{saved_world} ranks"
             )
-        streams: dict[str, dict[int, dict]] = {c.name: {} for c in self.cfg.corpora}
+        streams: dict[str, dict[int, VirtualState]] = {c.name: {} for c in self.cfg.corpora}
         for saved in states:
-            saved_workers = saved["num_workers"]
-            for w, worker in enumerate(saved["workers"]):
+            for w, worker in enumerate(saved.workers):
                 block = stream_block(
-                    saved["rank"] * saved_workers + w, saved_world * saved_workers, self.virtual_streams
+                    saved.rank * saved.num_workers + w, saved_world * saved.num_workers, self.virtual_streams
                 )
                 for name, held in streams.items():
                     for v in block:
-                        held[v] = worker[name]["streams"][str(v)] if worker is not None else virtual_state()
+                        held[v] = worker.corpora[name].streams[v] if worker is not None else VirtualState()
         return [
-            {
-                name: {
-                    "turn": 0,
-                    "streams": {
-                        str(v): held[v]
-                        for v in stream_block(
-                            self.rank * self.num_workers + w, self.physical_streams, self.virtual_streams
-                        )
-                    },
+            WorkerState(
+                {
+                    name: CorpusState(
+                        turn=0,
+                        streams={
+                            v: held[v]
+                            for v in stream_block(
+                                self.rank * self.num_workers + w, self.physical_streams, self.virtual_streams
+                            )
+                        },
+                    )
+                    for name, held in streams.items()
                 }
-                for name, held in streams.items()
-            }
+            )
             for w in range(self.num_workers)
         ]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kosmos.data.batch import Batch
+from kosmos.data.state import CorpusState
 from kosmos.data.stream import CorpusStream, EncodedDocument, SampleRef
 from kosmos.tokenizer import IGNORE_INDEX, PAD
 
@@ -75,11 +76,11 @@ class RowPacker:
                 return end
         return None
 
-    def state_dict(self) -> dict:
-        return self.stream.state_dict(unread=self.pending, offset=self.offset if self.pending else 0)
+    def state(self) -> CorpusState:
+        return self.stream.state(unread=self.pending, offset=self.offset if self.pending else 0)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
+    def restore(self, state: CorpusState) -> None:
+        self.stream.restore(state)
         self.pending, self.offset = None, 0
 
 

@@ -24,8 +24,8 @@ import bisect
 import itertools
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO, NamedTuple
 
 import torch
@@ -37,6 +37,7 @@ from kosmos.data.decode import DECODERS, SPLITTABLE_KINDS, Document
 from kosmos.data.holdout import Holdout
 from kosmos.data.shards import CorpusIndex, RawSample, ShardDamaged, read_samples
 from kosmos.data.skips import DELIBERATE_REASONS, SHARD_REASONS, Counts, Reason, SkipSample, saved
+from kosmos.data.state import CorpusState, VirtualState
 from kosmos.tokenizer import Encoded, Tokenizer
 
 # The skip-fraction rule judges a stream only once it has tried this many samples, and this many
@@ -415,32 +416,21 @@ class VirtualStream:
         self._order = plan.window_order(w)
         self._window = (plan.epoch, w)
 
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "offset": self.offset,
-            "tried": self.tried,
-            "skipped": saved(self.skipped),
-            "dropped_images": saved(self.dropped_images),
-        }
+    def state(self) -> VirtualState:
+        return VirtualState(
+            self.epoch, self.position, self.offset, self.tried, saved(self.skipped), saved(self.dropped_images)
+        )
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.offset, self.tried = int(state["offset"]), int(state["tried"])
-        self.skipped = Counter(state["skipped"])
-        self.dropped_images = Counter(state["dropped_images"])
+    def restore(self, state: VirtualState) -> None:
+        self.epoch, self.position, self.offset, self.tried = state.epoch, state.position, state.offset, state.tried
+        self.skipped = Counter(state.skipped)
+        self.dropped_images = Counter(state.dropped_images)
         self._window = None
 
     def close(self) -> None:
         for lane in self._lanes:
             lane.close()
         self._window, self._buffer = None, {}
-
-
-def virtual_state() -> dict:
-    """The state of a virtual stream that has read nothing yet."""
-    return {"epoch": 0, "position": 0, "offset": 0, "tried": 0, "skipped": {}, "dropped_images": {}}
 
 
 @dataclass(frozen=True)
@@ -590,29 +580,37 @@ class CorpusStream:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def state_dict(self, unread: EncodedDocument | None = None, offset: int = 0) -> dict:
+    def state(self, unread: EncodedDocument | None = None, offset: int = 0) -> CorpusState:
         """Each virtual stream's position and counters; with `unread`, as if that document (the last
         one read) had not been read yet, `offset` of its tokens already packed, so that a restored
         stream reads it again and goes on after them."""
-        states = {s.number: s.state_dict() for s in self.virtual}
+        states = {s.number: s.state() for s in self.virtual}
         turn = self.turn
         if unread is not None:
             state = states[unread.stream]
-            state.update(
-                epoch=unread.ref.epoch, position=unread.position, offset=offset, tried=state["tried"] - 1
+            states[unread.stream] = replace(
+                state,
+                epoch=unread.ref.epoch,
+                position=unread.position,
+                offset=offset,
+                tried=state.tried - 1,
+                skipped=_less(state.skipped, unread.counted),
+                dropped_images=_less(state.dropped_images, unread.dropped_images),
             )
-            for key, counts in (("dropped_images", unread.dropped_images), ("skipped", unread.counted)):
-                left = Counter(state[key])
-                left.subtract(counts)
-                state[key] = saved(left)
             turn = [s.number for s in self.virtual].index(unread.stream)
-        return {"turn": turn, "streams": {str(number): state for number, state in states.items()}}
+        return CorpusState(turn, states)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.turn = int(state["turn"])
+    def restore(self, state: CorpusState) -> None:
+        self.turn = state.turn
         for stream in self.virtual:
-            stream.load_state_dict(state["streams"][str(stream.number)])
+            stream.restore(state.streams[stream.number])
 
     def close(self) -> None:
         for stream in self.virtual:
             stream.close()
+
+
+def _less(counts: Mapping[str, int], taken: Mapping[str, int]) -> dict[str, int]:
+    left = Counter(counts)
+    left.subtract(taken)
+    return saved(left)
