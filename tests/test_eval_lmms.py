@@ -16,6 +16,7 @@ from kosmos.eval.backend import ModelBackend
 from kosmos.eval.datasets import Sample
 from kosmos.eval.demos import ClipEmbedder, RandomDemos
 from kosmos.eval.harness import EvalOptions, evaluate
+from kosmos.eval.lmms_entry import TASK_DIR
 from kosmos.eval.prompts import DEMO_END
 from kosmos.model import KosmosModel
 
@@ -114,7 +115,7 @@ def test_lmms_eval_reproduces_kosmos_eval(
     }
     for name in ("kosmos_caption", "kosmos_vqa"):
         variant = {
-            "include": str(lmms_model.TASK_DIR / f"{name}.yaml"),
+            "include": str(TASK_DIR / f"{name}.yaml"),
             "task": f"{name}_{shots}shot_{demos}",
             "lmms_eval_specific_kwargs": {"default": options},
         }
@@ -124,7 +125,7 @@ def test_lmms_eval_reproduces_kosmos_eval(
         model=lmms_model.KosmosLMMS(backend=backend),
         tasks=[f"kosmos_caption_{shots}shot_{demos}", f"kosmos_vqa_{shots}shot_{demos}"],
         task_manager=TaskManager(
-            include_path=[str(lmms_model.TASK_DIR), str(tmp_path / "lmms_tasks")], include_defaults=False
+            include_path=[str(TASK_DIR), str(tmp_path / "lmms_tasks")], include_defaults=False
         ),
         gen_kwargs="max_new_tokens=6",
         bootstrap_iters=0,
@@ -180,7 +181,7 @@ def test_lmms_eval_reproduces_kosmos_eval(
 def test_retrieval_without_weights_stops_naming_the_file_and_option(lmms_model, tmp_path, monkeypatch):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("kosmos_lmms_utils", lmms_model.TASK_DIR / "utils.py")
+    spec = importlib.util.spec_from_file_location("kosmos_lmms_utils", TASK_DIR / "utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
     write_data(tmp_path)

@@ -20,7 +20,12 @@ PIP = [sys.executable, "-m", "pip"]
 def run(command: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     # No PYTHONPATH: the checkout must not be importable, only what the wheel installed.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env |= {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env |= {
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     done = subprocess.run(
         [str(c) for c in command],
         check=False,
@@ -88,5 +93,19 @@ def test_the_wheel_declares_its_lmms_eval_model_and_task_files(installed, tmp_pa
         "print(sorted(p.name for p in (pathlib.Path(c.__file__).parent / 'lmms').iterdir() if p.is_file()))"
     )
     entry, files = run([installed / "python", "-c", probe], tmp_path).stdout.splitlines()
-    assert "kosmos.eval.lmms_model:manifest" in entry
+    assert "kosmos.eval.lmms_entry:manifest" in entry
     assert files == "['kosmos_caption.yaml', 'kosmos_vqa.yaml', 'utils.py']"
+
+
+@pytest.mark.slow
+def test_lmms_eval_registers_the_installed_model_when_kosmos_is_imported_first(installed, tmp_path):
+    pytest.importorskip("lmms_eval")
+    folder = run([installed / "python", "-m", "kosmos.eval.lmms_entry"], tmp_path).stdout
+    assert folder.count("\n") == 1 and (Path(folder.strip()) / "kosmos_caption.yaml").is_file()
+    # The Python route: our module first, which starts lmms-eval's reading of its entry points.
+    probe = (
+        "import kosmos.eval.lmms_model as m; from lmms_eval.models import get_model; "
+        "assert get_model('kosmos') is m.KosmosLMMS"
+    )
+    done = run([installed / "python", "-c", probe], tmp_path)
+    assert "Failed to load model entry-point" not in done.stdout + done.stderr

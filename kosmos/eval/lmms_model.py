@@ -2,10 +2,10 @@
 tables, and the KOSMOS-1 protocols through the task files in `kosmos/configs/lmms/`.
 
 lmms-eval finds models outside its package through the `lmms_eval.models` entry points; an
-installed kosmos declares `kosmos` there (pyproject.toml), so
+installed kosmos declares `kosmos` there (pyproject.toml, `kosmos.eval.lmms_entry`), so
 
     lmms-eval --model kosmos --model_args checkpoint=RUN --tasks kosmos_caption,kosmos_vqa \\
-        --include_path $(python -c "import kosmos.eval.lmms_model as m; print(m.TASK_DIR)")
+        --include_path "$(python -m kosmos.eval.lmms_entry)"
 
 runs our checkpoint on our task files (or on any lmms-eval task). Requests go through the same
 `ModelBackend` as `kosmos eval`:
@@ -20,25 +20,15 @@ prompts.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from kosmos.eval.backend import ModelBackend, harness_backend
 from kosmos.eval.prompts import DEMO_END, Prompt
 from kosmos.eval.tasks import DecodingConfig
 
-# The lmms-eval task files of the KOSMOS-1 protocols (with their `utils.py`).
-TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "lmms"
 IMAGE_MARK = "<image>"
 DEMO_MARK = "</s>"
 DEFAULT_MAX_NEW_TOKENS = 64
-
-
-def manifest() -> ModelManifest:
-    """The entry point lmms-eval loads: where the `kosmos` model class is."""
-    return ModelManifest(model_id="kosmos", simple_class_path=f"{__name__}.KosmosLMMS")
 
 
 def interleave(context: str, images: list) -> Prompt:
