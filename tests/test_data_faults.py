@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import html
+import http.client
 import itertools
 import json
 import os
@@ -338,6 +339,115 @@ def test_globs_over_http_and_s3_are_expanded(tmp_path):
         assert all(s.etag for s in index.shards)
 
 
+S3_ERRORS = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}
+
+
+class S3FaultProxy(BaseHTTPRequestHandler):
+    """Relays requests to an S3 server (moto), first answering each object path's scheduled faults
+    (`server.faults[path]`, taken from the front) and a persistent one (`server.always[path]`) with
+    the error S3 gives for that status."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._relay()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD
+
+    def _relay(self) -> None:
+        server = self.server
+        path = unquote(urlsplit(self.path).path)
+        with server.lock:
+            server.requests[path] += 1
+            scheduled = server.faults.get(path)
+            fault = scheduled.pop(0) if scheduled else server.always.get(path)
+        sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if fault is not None:
+            code = S3_ERRORS[fault]
+            body = f"<Error><Code>{code}</Code><Message>{code} (planted)</Message></Error>".encode()
+            self._answer(fault, {"Content-Type": "application/xml"}, body)
+            return
+        upstream = http.client.HTTPConnection(server.upstream, timeout=30)
+        upstream.request(self.command, self.path, sent, {k: v for k, v in self.headers.items()})
+        answer = upstream.getresponse()
+        body = answer.read()
+        headers = {k: v for k, v in answer.getheaders() if k.lower() not in ("transfer-encoding", "connection")}
+        upstream.close()
+        self._answer(answer.status, headers, body)
+
+    def _answer(self, status: int, headers: dict, body: bytes) -> None:
+        self.send_response(status)
+        if self.command != "HEAD":
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+            headers["Content-Length"] = str(len(body))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def s3_behind_faults(folder: Path, bucket: str):
+    """`folder` in a moto S3 bucket reached through `S3FaultProxy`, botocore's own retries off (so the
+    loader's policy answers every fault); yields the bucket's URL and the proxy."""
+    from s3fs import S3FileSystem
+
+    from kosmos.data.serve import serve_s3
+
+    with serve_s3(folder, bucket=bucket) as s3:
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), S3FaultProxy)
+        proxy.daemon_threads = True
+        proxy.upstream = urlsplit(os.environ["AWS_ENDPOINT_URL"]).netloc
+        proxy.lock, proxy.requests = threading.Lock(), Counter()
+        proxy.faults, proxy.always = defaultdict(list), {}
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}", "AWS_MAX_ATTEMPTS": "1"}
+        saved = {key: os.environ.get(key) for key in settings}
+        os.environ.update(settings)
+        S3FileSystem.clear_instance_cache()
+        try:
+            yield s3, proxy
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            S3FileSystem.clear_instance_cache()
+            proxy.shutdown()
+            proxy.server_close()
+
+
+def test_s3_throttling_and_5xx_are_retried_and_403_and_missing_keys_counted(tmp_path, tokenizer, capfd):
+    from s3fs import S3FileSystem
+
+    names = write_shards(tmp_path / "bucket" / "text", 6)
+    with s3_behind_faults(tmp_path / "bucket", "faults") as (s3, proxy):
+        index_shards([f"{s3}/text/"], tmp_path / "index", "text", FAST)
+        S3FileSystem().rm(f"faults/text/{names[5]}")
+        proxy.requests.clear()
+        key = [f"/faults/text/{name}" for name in names]
+        proxy.faults[key[0]] = [503, 503, 503]
+        proxy.faults[key[1]] = [500, 500]
+        proxy.faults[key[2]] = [503, 500]
+        proxy.always[key[4]] = 403
+        seen, skipped = read_epoch(text_config(tmp_path / "index", max_skip_fraction=0.9), tokenizer)
+        requests = dict(proxy.requests)
+    assert set(seen) == every_sample(names[:4]) and set(seen.values()) == {1}
+    assert skipped == {"unreadable_shard": 2 * SAMPLES}
+    assert requests[key[0]] > 3 and requests[key[1]] > 2 and requests[key[2]] > 2  # past their faults
+    err = capfd.readouterr().err
+    assert "HTTP 500" in err
+    # One request each time the shard is opened (once an epoch; the reading ran into epoch 1): no retry.
+    for name, why in ((names[4], "HTTP 403"), (names[5], "HTTP 404")):
+        opened = [line for line in err.splitlines() if f"shard {name} skipped" in line]
+        assert opened and all(why in line for line in opened) and requests[key[names.index(name)]] == len(opened)
+
+
 # -- names and credentials ----------------------------------------------------------------------------
 
 
@@ -449,3 +559,95 @@ def test_a_store_this_installation_cannot_read_is_a_config_error(tmp_path):
         assert "Traceback" not in done.stderr
     else:
         pytest.skip("gcsfs is installed")
+
+
+# -- training that ends with downloads pending ---------------------------------------------------------
+
+
+def session_processes(session: int) -> list[int]:
+    """The live processes of a session (a process started with start_new_session=True leads one)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow  # a training process
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_ends_on_time_with_stalled_downloads_pending(tmp_path, tokenizer, workers):
+    """Two lanes, each reading its first shard while the shard after it is prefetched: one of those
+    stalls after its headers, the other is never answered. Each stalled download would hold a fetch
+    thread for `read_timeout_s` (and retry for `read_retry_s`); the run must end long before."""
+    from kosmos.data.stream import EpochPlan
+
+    stall_s = 120.0
+    samples = 60
+    names = write_shards(tmp_path / "bucket" / "text", 4, samples)
+    with faulty_server(tmp_path / "bucket") as (url, server):
+        index, _ = index_shards([f"{url}/text/"], tmp_path / "index", "text", FAST)
+        # The window of 64 samples (32 per lane) lies in each lane's first shard, more than 3 steps need.
+        plan = EpochPlan(index, 0, "text", 0, 0, 1, 2, 64)
+        first = [index.shards[k].name for k in plan.shards[0::2]]
+        for name, fault in zip([index.shards[k].name for k in plan.shards[1::2]], ["stall", "silent"]):
+            server.always[f"/text/{name}"] = fault
+        server.requests.clear()
+        server.sent.clear()
+        recipe = tmp_path / "train.yaml"
+        recipe.write_text(
+            json.dumps(
+                {
+                    "model": str(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"),
+                    "tokenizer": str(tokenizer.model_file),
+                    "data": {
+                        "seq_len": 64,
+                        "micro_batch_size": 2,
+                        "num_workers": workers,
+                        "shuffle_spans": 2,
+                        "shuffle_window": 64,
+                        "read_timeout_s": stall_s,
+                        "read_retry_s": stall_s,
+                        "corpora": [{"kind": "text", "path": str(tmp_path / "index"), "tokens_per_step": 128}],
+                    },
+                    "train": {"max_steps": 3, "log_interval": 1},
+                    "checkpoint": {"interval": 3, "keep": 1},
+                    "logging": {"tensorboard": False, "progress_bar": False},
+                }
+            )
+        )
+        run_dir = tmp_path / "run"
+        command = [sys.executable, "-m", "kosmos", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+        command += ["model.text.layers=2", f"model.text.vocab_size={tokenizer.vocab_size}"]
+        with open(tmp_path / "out.txt", "w") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                start_new_session=True,
+            )
+        try:
+            metrics = run_dir / "metrics.jsonl"
+            while not (metrics.is_file() and 3 in [json.loads(line)["step"] for line in metrics.open()]):
+                assert process.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
+                time.sleep(0.1)
+            last_step = time.monotonic()
+            process.wait(timeout=stall_s)  # a run held by its pending downloads fails here
+            ended = time.monotonic() - last_step
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 9)
+        output = (tmp_path / "out.txt").read_text()
+        assert process.returncode == 0, output[-3000:]
+        assert ended < stall_s / 4, output[-3000:]
+        assert "done: 3 steps" in output and "Traceback" not in output
+        # The stalled downloads were under way; the healthy shards were read whole.
+        assert all(server.requests[f"/text/{name}"] for name in names)
+        for name in first:
+            assert server.sent[f"/text/{name}"] == (tmp_path / "bucket" / "text" / name).stat().st_size
+    time.sleep(0.5)
+    assert session_processes(process.pid) == []  # no loader worker outlives the run
