@@ -23,6 +23,19 @@ def clone_configs(folder: Path) -> Path:
     return folder / "configs"
 
 
+def session_processes(session: int) -> list[int]:
+    """The live processes of a session (a process started with start_new_session=True leads one)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     folder = tmp_path_factory.mktemp("tokenizer")

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import webdataset
+from conftest import REPO, session_processes
 
 from kosmos.config import ConfigError, from_dict
 from kosmos.data import DataConfig, build_loader, sources
@@ -564,19 +565,6 @@ def test_a_store_this_installation_cannot_read_is_a_config_error(tmp_path):
 # -- training that ends with downloads pending ---------------------------------------------------------
 
 
-def session_processes(session: int) -> list[int]:
-    """The live processes of a session (a process started with start_new_session=True leads one)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.slow  # a training process
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_ends_on_time_with_stalled_downloads_pending(tmp_path, tokenizer, workers):
@@ -601,7 +589,7 @@ def test_training_ends_on_time_with_stalled_downloads_pending(tmp_path, tokenize
         recipe.write_text(
             json.dumps(
                 {
-                    "model": str(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"),
+                    "model": str(REPO / "configs/model/tiny.yaml"),
                     "tokenizer": str(tokenizer.model_file),
                     "data": {
                         "seq_len": 64,

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import session_processes
 
 from kosmos.checkpoint import consolidated_state_dict, load_model_from_checkpoint
 from kosmos.data.build import build_instruction
@@ -367,19 +368,6 @@ def test_instruction_tuning_starts_from_the_pretrained_weights(recipe, tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
     record = metrics(tuned)[1]
     assert record["loss_instruction"] > 0 and record["tokens_instruction"] > 0
-
-
-def session_processes(session: int) -> list[int]:
-    """The live processes of a session (a process started with start_new_session=True leads one)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 CRASH_IN_STEP_3 = textwrap.dedent(
