@@ -10,7 +10,6 @@ cuda:0 on every rank.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,23 +36,18 @@ def local_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def join_process_group(timeout: timedelta | None = None) -> DistributedEnv:
     """Join the launcher's process group (once; NCCL on GPUs, gloo on CPU) on this rank's device."""
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
+    alone = "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"  # no launcher
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = local_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         options = {} if timeout is None else {"timeout": timeout}
+        if alone:  # an in-process store: a world of one listens on no port, so it can meet no other run
+            options.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **options)
     return DistributedEnv(
         rank=dist.get_rank(),

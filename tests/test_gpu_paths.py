@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import standins
@@ -173,3 +175,23 @@ def test_a_batch_with_too_few_image_slots_stops_on_the_host(tiny_config):
     trainer.cfg = SimpleNamespace(model=tiny_config)
     with pytest.raises(ValueError, match="1 images need 16 image slots, the batch has 0"):
         trainer._train_step([bad])
+
+
+def test_a_world_of_one_joins_without_listening_on_a_port():
+    """Without a launcher a process is a world of one on an in-process store. A TCP store needs a free
+    port picked beforehand, which any other process may bind first (two runs starting together)."""
+    script = """
+import torch.distributed as dist
+from kosmos.distributed import join_process_group
+env = join_process_group()
+store = dist.distributed_c10d._get_default_store()
+store = getattr(store, "underlying_store", store)
+print(env.rank, env.world_size, type(store).__name__)
+"""
+    launcher = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    environment = {key: value for key, value in os.environ.items() if key not in launcher}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "1", "HashStore"]
