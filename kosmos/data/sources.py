@@ -349,16 +349,23 @@ def _copy_http(location: str, out: BinaryIO, options: ReadOptions, expect: Versi
                     raise ConnectionError("the object changed while it was read; reading it again")
             version = now
             _check_version(location, expect, now)
-            while chunk := response.read(CHUNK_BYTES):
-                if stop is not None and stop.is_set():
-                    raise Stopped(location)
-                out.write(chunk)
-                received += len(chunk)
+            received += _copy(response, out, location, stop)
         if now.size is not None and received != now.size:
             raise ConnectionError(f"the answer ended after {received} of {now.size} bytes")
         return Version(received, now.etag)
 
     return with_retries(location, options, attempt, stop)
+
+
+def _copy(source, out, location: str, stop: threading.Event | None) -> int:
+    """Copy `source` into `out` chunk by chunk, stopping at once when `stop` is set; bytes copied."""
+    copied = 0
+    while chunk := source.read(CHUNK_BYTES):
+        if stop is not None and stop.is_set():
+            raise Stopped(location)
+        out.write(chunk)
+        copied += len(chunk)
+    return copied
 
 
 def _check_version(location: str, expect: Version | None, now: Version) -> None:
@@ -416,11 +423,7 @@ def _copy_fsspec(location: str, out: BinaryIO, options: ReadOptions, expect: Ver
         _check_version(location, expect, now)
         with fs.open(path, "rb", block_size=CHUNK_BYTES) as source:
             source.seek(received)
-            while chunk := source.read(CHUNK_BYTES):
-                if stop is not None and stop.is_set():
-                    raise Stopped(location)
-                out.write(chunk)
-                received += len(chunk)
+            received += _copy(source, out, location, stop)
         if now.size is not None and received != now.size:
             raise ConnectionError(f"the object ended after {received} of {now.size} bytes")
         return Version(received, now.etag)
